@@ -1,0 +1,77 @@
+"""The `atoken` command line.
+
+Subcommands:
+  atoken samples build --out DIR     build the offline sample corpus
+  atoken run [key=value ...]         the main job on embedded defaults (see README)
+  atoken convert-official SRC DST    official AToken weights <-> this project's format
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _samples(args: argparse.Namespace) -> int:
+    from preprocess.sample_corpus import CorpusConfig, build_corpus, read_manifest
+
+    cfg = CorpusConfig(digits_per_class=args.digits_per_class, gaussians_per_asset=args.gaussians)
+    manifest = build_corpus(args.out, cfg)
+    counts: dict[str, int] = {}
+    for row in read_manifest(manifest):
+        counts[row["modality"]] = counts.get(row["modality"], 0) + 1
+    print(json.dumps({"manifest": str(manifest), "items": counts}, indent=1))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from orchestration.main_job import run_main_job
+
+    return run_main_job(args.overrides)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from atoken.official import convert_official
+
+    convert_official(args.src, args.dst, variant=args.variant, to_official=args.to_official)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="atoken", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("samples", help="the offline sample corpus")
+    s_sub = s.add_subparsers(dest="action", required=True)
+    b = s_sub.add_parser("build", help="build the sample corpus from files installed packages ship")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--digits-per-class", type=int, default=50, help="MNIST digits per class (max 500)")
+    b.add_argument("--gaussians", type=int, default=3000, help="Gaussians per 3D asset")
+    b.set_defaults(func=_samples)
+
+    r = sub.add_parser("run", help="run the main job (key=value overrides)")
+    r.add_argument("overrides", nargs="*")
+    r.set_defaults(func=_run)
+
+    c = sub.add_parser("convert-official", help="convert official AToken weights to this project's format")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--variant", default="soc", choices=["soc", "sod", "soc-s1"])
+    c.add_argument("--to-official", action="store_true", help="write an exported model in the official naming")
+    c.set_defaults(func=_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"atoken {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

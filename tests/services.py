@@ -1,0 +1,94 @@
+"""Real test services as child processes: moto_server (S3) and mlflow server.
+
+Each runs in its own process group on a free loopback port, so teardown kills the whole group and no
+process outlives the test session.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Service:
+    name: str
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=15)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=5)
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited with {proc.returncode}; log {log}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except Exception:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} not up after {timeout}s; log {log}:\n{log.read_text()[-3000:]}")
+
+
+def _start(name: str, cmd: list[str], health: str, url: str, workdir: Path, env: dict | None,
+           timeout: float) -> Service:
+    log = workdir / f"{name}.log"
+    fh = open(log, "wb")
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=workdir,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+    svc = Service(name, url, proc, log)
+    try:
+        _wait_http(health, proc, log, timeout)
+    except Exception:
+        svc.stop()
+        raise
+    return svc
+
+
+def start_moto(workdir: Path, timeout: float = 60) -> Service:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    return _start("moto", [_bin("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                  f"{url}/moto-api/", url, workdir, None, timeout)
+
+
+def start_mlflow(workdir: Path, timeout: float = 120) -> Service:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    db = workdir / "mlflow.db"
+    art = workdir / "mlflow-artifacts"
+    art.mkdir(exist_ok=True)
+    cmd = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
+           "--artifacts-destination", art.as_uri(), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return _start("mlflow", cmd, f"{url}/health", url, workdir, env, timeout)
