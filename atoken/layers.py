@@ -1,0 +1,171 @@
+"""Transformer building blocks with the official module and parameter names.
+
+Names (`to_qkv`, `q_rms_norm.gamma`, `mlp.mlp.0`, `pos_embedder.position_embedding`, ...) match the
+official release so its state_dict loads without renaming (docs/model.md).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from atoken.attention import varlen_attention
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 (bf16 activations keep fp32 statistics)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+class RMSNorm32(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight, in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).type(x.dtype)
+
+
+class MultiHeadRMSNorm(nn.Module):
+    """Per-head QK-norm of the official decoder: L2-normalise each head vector, times gamma * sqrt(D)."""
+
+    def __init__(self, heads: int, head_dim: int):
+        super().__init__()
+        self.scale = math.sqrt(head_dim)
+        self.gamma = nn.Parameter(torch.ones(heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [L, H, D]
+        return (F.normalize(x.float(), dim=-1) * self.gamma * self.scale).type(x.dtype)
+
+
+def make_norm(dim: int, rms: bool, eps: float) -> nn.Module:
+    return RMSNorm32(dim, eps) if rms else LayerNorm32(dim, eps=eps)
+
+
+class RotaryEmbedding4D:
+    """4D RoPE: head_dim/8 frequencies per axis (t, x, y, z), theta^(-j/head_dim), adjacent-pair complex
+    layout with slots [t | x | y | z]. Parameter-free; applied in float32."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        self.head_dim = head_dim
+        n = head_dim // 8
+        self.freqs = theta ** (-torch.arange(n, dtype=torch.float64) / head_dim)  # [n]
+
+    def angles(self, pos: torch.Tensor) -> torch.Tensor:
+        """pos [L, 4] -> complex rotations [L, 4n]."""
+        f = self.freqs.to(pos.device, torch.float32)
+        ang = (pos.float()[:, :, None] * f[None, None, :]).reshape(len(pos), -1)  # [L, 4n], axis-major
+        return torch.polar(torch.ones_like(ang), ang)
+
+    @staticmethod
+    def apply(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        """x [L, H, D] rotated by rot [L, D/2] (complex)."""
+        xf = x.float().reshape(*x.shape[:-1], -1, 2)
+        xc = torch.view_as_complex(xf.contiguous())
+        out = torch.view_as_real(xc * rot[:, None, :]).reshape(x.shape)
+        return out.type(x.dtype)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden, bias=bias), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden, dim, bias=bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, bias: bool, qk_norm: bool):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.to_out = nn.Linear(dim, dim, bias=bias)
+        if qk_norm:
+            self.q_rms_norm = MultiHeadRMSNorm(heads, self.head_dim)
+            self.k_rms_norm = MultiHeadRMSNorm(heads, self.head_dim)
+        self.qk_norm = qk_norm
+
+    def forward(self, x: torch.Tensor, rot: torch.Tensor, cu: list[int]) -> torch.Tensor:
+        L = x.shape[0]
+        q, k, v = self.to_qkv(x).view(L, 3, self.heads, self.head_dim).unbind(1)
+        if self.qk_norm:
+            q, k = self.q_rms_norm(q), self.k_rms_norm(k)
+        q, k = RotaryEmbedding4D.apply(q, rot), RotaryEmbedding4D.apply(k, rot)
+        return self.to_out(varlen_attention(q, k, v, cu).reshape(L, -1))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x += attn(norm1(x)); x += mlp(norm2(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp: int, bias: bool, rms: bool, qk_norm: bool, eps: float):
+        super().__init__()
+        self.norm1 = make_norm(dim, rms, eps)
+        self.attn = SelfAttention(dim, heads, bias, qk_norm)
+        self.norm2 = make_norm(dim, rms, eps)
+        self.mlp = FeedForward(dim, mlp, bias)
+
+    def forward(self, x: torch.Tensor, rot: torch.Tensor, cu: list[int]) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rot, cu)
+        return x + self.mlp(self.norm2(x))
+
+
+class LearnedPositionEmbedder(nn.Module):
+    """SigLIP2-style learned 2D table (grid x grid), resized per segment to its (max x + 1, max y + 1)
+    with antialiased bilinear interpolation, looked up at (x, y)."""
+
+    def __init__(self, dim: int, grid: int = 16):
+        super().__init__()
+        self.grid = grid
+        self.position_embedding = nn.Embedding(grid * grid, dim)
+
+    def forward(self, pos: torch.Tensor, cu: list[int], grids: list[tuple[int, int]]) -> torch.Tensor:
+        table = self.position_embedding.weight.float()
+        dim = table.shape[1]
+        base = table.reshape(self.grid, self.grid, dim).permute(2, 0, 1)[None]
+        out = torch.empty(len(pos), dim, device=table.device, dtype=torch.float32)
+        cache: dict[tuple[int, int], torch.Tensor] = {}
+        for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+            g = grids[i]
+            if g not in cache:
+                cache[g] = (base if g == (self.grid, self.grid) else
+                            F.interpolate(base, size=g, mode="bilinear", align_corners=False, antialias=True))[0]
+            out[a:b] = cache[g][:, pos[a:b, 1], pos[a:b, 2]].T
+        return out.type(self.position_embedding.weight.dtype)
+
+
+class AttentionPoolingHead(nn.Module):
+    """SigLIP MAP head: one learned probe cross-attends over a sample's tokens (no RoPE), then
+    out = o + mlp(LayerNorm(o))."""
+
+    def __init__(self, dim: int, heads: int, mlp: int, eps: float):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.probe = nn.Parameter(torch.randn(dim) * dim ** -0.5)
+        self.attention = nn.Module()
+        self.attention.to_q = nn.Linear(dim, dim)
+        self.attention.to_kv = nn.Linear(dim, 2 * dim)
+        self.attention.to_out = nn.Linear(dim, dim)
+        self.layernorm = LayerNorm32(dim, eps=eps)
+        self.mlp = FeedForward(dim, mlp, True)
+
+    def forward(self, x: torch.Tensor, sample_cu: list[int]) -> torch.Tensor:
+        """x [L, C] in sample order; returns [B, C] (unnormalised)."""
+        H, D = self.heads, self.head_dim
+        q = self.attention.to_q(self.probe).view(1, H, 1, D)
+        kv = self.attention.to_kv(x).view(len(x), 2, H, D)
+        outs = []
+        for a, b in zip(sample_cu[:-1], sample_cu[1:]):
+            k, v = kv[a:b, 0].transpose(0, 1)[None], kv[a:b, 1].transpose(0, 1)[None]
+            outs.append(F.scaled_dot_product_attention(q.to(k.dtype), k, v).reshape(-1))
+        o = self.attention.to_out(torch.stack(outs))
+        return o + self.mlp(self.layernorm(o))
