@@ -47,8 +47,9 @@ class ATokenConfig:
     logit_scale_init: float = 4.8438  # SigLIP-style sigmoid similarity (official hard-coded values)
     logit_bias_init: float = -15.5625
 
-    gaussians_per_voxel: int = 32  # 3D Gaussian head (K)
     grid_size: int = 64  # 3D voxel grid G
+    # 3D Gaussian decoder (GaussianDecoderConfig fields); None: the model has none
+    gaussian_decoder: dict | None = None
     gradient_checkpointing: bool = False
     preset: str = "custom"
 
@@ -84,6 +85,14 @@ class ATokenConfig:
             bad("latent_channels", "must be >= 1")
         if self.temporal_window < 1:
             bad("temporal_window", "must be >= 1")
+        if self.gaussian_decoder is not None:
+            from atoken.gaussian import GaussianDecoderConfig
+
+            known = set(GaussianDecoderConfig.__dataclass_fields__)
+            extra = sorted(set(self.gaussian_decoder) - known)
+            if extra:
+                bad("gaussian_decoder", f"unknown keys {extra}")
+            GaussianDecoderConfig(**self.gaussian_decoder).validate()
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,9 +127,13 @@ def _preset(name: str, width: int, blocks: int, heads: int, mlp: int, **kw: Any)
         decoder_num_heads=heads, decoder_mlp_channels=mlp, preset=name, **kw).validate()
 
 
+TINY_GAUSSIAN_DECODER = dict(model_channels=64, num_blocks=1, num_heads=2, mlp_channels=128, gaussians_per_voxel=4,
+                             resolution=16)
+
 PRESETS = {
     # trains on 2 CPU cores in minutes
-    "tiny": lambda **kw: _preset("tiny", 96, 2, 2, 256, **kw),
+    "tiny": lambda **kw: _preset("tiny", 96, 2, 2, 256, **{"gaussian_decoder": TINY_GAUSSIAN_DECODER,
+                                                            "grid_size": 16, **kw}),
     # SigLIP2-Base-sized: 12 blocks, 768 wide, 12 heads (~192M encoder + decoder in the paper)
     "base": lambda **kw: _preset("base", 768, 12, 12, 3072, **kw),
     # SigLIP2 So400m: 27 blocks, 1152 wide, 16 heads, MLP 4304 (~800M in the paper)

@@ -6,6 +6,7 @@ official release so its state_dict loads without renaming (docs/model.md).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -95,13 +96,46 @@ class SelfAttention(nn.Module):
             self.k_rms_norm = MultiHeadRMSNorm(heads, self.head_dim)
         self.qk_norm = qk_norm
 
-    def forward(self, x: torch.Tensor, rot: torch.Tensor, cu: list[int]) -> torch.Tensor:
-        L = x.shape[0]
-        q, k, v = self.to_qkv(x).view(L, 3, self.heads, self.head_dim).unbind(1)
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> q, k, v [L, H, D], after the optional QK-norm and before RoPE."""
+        q, k, v = self.to_qkv(x).view(x.shape[0], 3, self.heads, self.head_dim).unbind(1)
         if self.qk_norm:
             q, k = self.q_rms_norm(q), self.k_rms_norm(k)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rot: torch.Tensor, cu: list[int]) -> torch.Tensor:
+        q, k, v = self.qkv(x)
         q, k = RotaryEmbedding4D.apply(q, rot), RotaryEmbedding4D.apply(k, rot)
-        return self.to_out(varlen_attention(q, k, v, cu).reshape(L, -1))
+        return self.to_out(varlen_attention(q, k, v, cu).reshape(x.shape[0], -1))
+
+    def forward_cached(self, x: torch.Tensor, pos: torch.Tensor, rope: "RotaryEmbedding4D",
+                       cache: "KVCache | None") -> tuple[torch.Tensor, "KVCache"]:
+        """One temporal tile attending to itself plus the cached (pre-RoPE) K/V of earlier frames,
+        whose t positions are already relative to this tile (negative)."""
+        q, k, v = self.qkv(x)
+        full = KVCache(k, v, pos) if cache is None else KVCache(torch.cat([cache.k, k]), torch.cat([cache.v, v]),
+                                                                  torch.cat([cache.pos, pos]))
+        qr = RotaryEmbedding4D.apply(q, rope.angles(pos))
+        kr = RotaryEmbedding4D.apply(full.k, rope.angles(full.pos))
+        out = F.scaled_dot_product_attention(qr.transpose(0, 1)[None], kr.transpose(0, 1)[None],
+                                             full.v.transpose(0, 1)[None], scale=self.head_dim ** -0.5)
+        return self.to_out(out[0].transpose(0, 1).reshape(x.shape[0], -1)), KVCache(k, v, pos)
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor  # [L, H, D] pre-RoPE
+    v: torch.Tensor
+    pos: torch.Tensor  # [L, 4]
+
+    def keep_last(self, frames: int, tile: int) -> "KVCache | None":
+        """The last `frames` latent frames, re-based so the next tile starts at t = 0."""
+        if frames <= 0:
+            return None
+        m = self.pos[:, 0] >= tile - frames
+        pos = self.pos[m].clone()
+        pos[:, 0] -= tile
+        return KVCache(self.k[m], self.v[m], pos)
 
 
 class TransformerBlock(nn.Module):
@@ -117,6 +151,12 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, rot: torch.Tensor, cu: list[int]) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rot, cu)
         return x + self.mlp(self.norm2(x))
+
+    def forward_cached(self, x: torch.Tensor, pos: torch.Tensor, rope: RotaryEmbedding4D,
+                       cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+        a, kv = self.attn.forward_cached(self.norm1(x), pos, rope, cache)
+        x = x + a
+        return x + self.mlp(self.norm2(x)), kv
 
 
 class LearnedPositionEmbedder(nn.Module):

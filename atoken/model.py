@@ -40,6 +40,11 @@ class AToken(nn.Module):
         self.proj = nn.Linear(config.encoder_model_channels, 2 * config.latent_channels, bias=False)
         self.decoder = Decoder(config)
         self.quantizer = FSQ(config.fsq_levels, config.fsq_num_codebooks) if config.use_quantizer else None
+        self.gs_decoder = None
+        if config.gaussian_decoder is not None:
+            from atoken.gaussian import GaussianDecoder, GaussianDecoderConfig
+
+            self.gs_decoder = GaussianDecoder(GaussianDecoderConfig(**config.gaussian_decoder))
         # Not in official checkpoints (hard-coded there); trainable here for the sigmoid text loss.
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))
         self.logit_bias = nn.Parameter(torch.tensor(config.logit_bias_init))
@@ -94,6 +99,18 @@ class AToken(nn.Module):
             z = self.quantizer.codes_to_latents(z)
         return unpack(batch, self.decode_sparse(z, batch.coords), self.config.patch_size)
 
+    @torch.no_grad()
+    def decode_video_stream(self, latents: torch.Tensor, coords: torch.Tensor, kv_cache_frames: int = 0):
+        """Long video: yields decoded frames [16, H, W, 3] in [-1, 1] tile by tile (temporal tiling with
+        a K/V cache across tiles); peak memory is that of one tile, whatever the video's length."""
+        from atoken.patchify import tokens_to_video
+
+        pt, ph, pw = self.config.patch_size
+        for rec, c in self.decoder.stream(latents, coords, kv_cache_frames):
+            H, W = (int(c[:, 2].max()) + 1) * ph, (int(c[:, 3].max()) + 1) * pw
+            nt = int(c[:, 1].max() - c[:, 1].min()) + 1
+            yield tokens_to_video(rec, c, (nt * pt, H, W), self.config.patch_size)
+
     # ---------------------------------------------------------------- curriculum transitions
     @torch.no_grad()
     def grow_latent(self, channels: int) -> "AToken":
@@ -118,6 +135,12 @@ class AToken(nn.Module):
             new_in.bias.copy_(inp.bias)
         self.decoder.input_layer = new_in
         self.config.latent_channels = channels
+        return self
+
+    def attach_gaussian_decoder(self, decoder) -> "AToken":
+        """Adds a (e.g. official, converted) 3D Gaussian decoder; it is saved with the model from then on."""
+        self.gs_decoder = decoder
+        self.config.gaussian_decoder = dict(decoder.cfg.__dict__)
         return self
 
     def enable_fsq(self) -> "AToken":

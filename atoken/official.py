@@ -22,6 +22,11 @@ VARIANTS = {
     "sod": dict(latent_channels=48, use_quantizer=True),  # So/D, FSQ 8 x 4096
     "soc-s1": dict(latent_channels=32),  # stage-1, image-only, latent 32
 }
+ALL_VARIANTS = sorted(VARIANTS) + ["3d-gs"]
+
+GS_VARIANT = "3d-gs"  # the official 3D Gaussian decoder (3d_decode_gs.pt)
+GS_PREFIX = "gs_decoder."  # where it lives inside this project's AToken
+LPIPS_PREFIX = "lpips_loss."  # training-loss weights stored in the official GS checkpoint; not model weights
 
 # official arch-config key -> ATokenConfig field (same names, listed to make the contract explicit)
 _ARCH_KEYS = ["patch_size", "in_channels", "out_channels", "latent_channels"] + [
@@ -91,24 +96,54 @@ def check_keys(official: dict[str, torch.Tensor], model_state: dict[str, torch.T
         raise ValueError("official checkpoint does not match the model config; " + "; ".join(parts))
 
 
+def load_official_gaussian_decoder(path: str | Path, config: dict | None = None):
+    """The official 3D Gaussian decoder. Its checkpoint also holds LPIPS(VGG) loss weights under
+    `lpips_loss.*`; they are not model weights and are skipped (and reported)."""
+    from atoken.gaussian import GaussianDecoder, GaussianDecoderConfig
+
+    state = read_state_dict(path)
+    skipped = sorted(k for k in state if k.startswith(LPIPS_PREFIX))
+    state = {k: v for k, v in state.items() if not k.startswith(LPIPS_PREFIX)}
+    dec = GaussianDecoder(GaussianDecoderConfig(**(config or {})))
+    own = dec.state_dict()
+    check_keys(state, own)
+    dec.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+    if skipped:
+        print(f"{path}: skipped {len(skipped)} LPIPS loss tensors ({LPIPS_PREFIX}*); they are not model weights")
+    dec.skipped_keys = skipped
+    return dec
+
+
 def load_official(path: str | Path, variant: str = "soc", config: ATokenConfig | None = None):
     from atoken.model import AToken
 
+    if variant == GS_VARIANT:
+        return load_official_gaussian_decoder(path, (config.gaussian_decoder if config else None))
     cfg = config or variant_config(variant)
     state = read_state_dict(path)
     model = AToken(cfg)
-    own = model.state_dict()
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(GS_PREFIX)}
     check_keys(state, own)
     full = {k: v.to(own[k].dtype) for k, v in state.items()}
     for k, v in NOT_IN_OFFICIAL.items():
         full[k] = torch.tensor(v, dtype=own[k].dtype)
-    model.load_state_dict(full, strict=True)
+    missing, unexpected = model.load_state_dict(full, strict=False)
+    if unexpected or [k for k in missing if not k.startswith(GS_PREFIX)]:
+        raise ValueError(f"official load: missing {missing}, unexpected {unexpected}")
     return model
 
 
 def to_official_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's weights in the official naming (drops the non-checkpoint logit scale/bias)."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in NOT_IN_OFFICIAL}
+    """The autoencoder's weights in the official naming (drops the non-checkpoint logit scale/bias and
+    the Gaussian decoder, which the release ships as its own file)."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+            if k not in NOT_IN_OFFICIAL and not k.startswith(GS_PREFIX)}
+
+
+def to_official_gaussian_state_dict(model) -> dict[str, torch.Tensor]:
+    """The Gaussian decoder's weights in the official (root-level) naming, without LPIPS weights."""
+    return {k[len(GS_PREFIX):]: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+            if k.startswith(GS_PREFIX)}
 
 
 def convert_official(src: str | Path, dst: str | Path, variant: str = "soc", to_official: bool = False) -> Path:
@@ -118,8 +153,19 @@ def convert_official(src: str | Path, dst: str | Path, variant: str = "soc", to_
 
     dst = Path(dst)
     if to_official:
-        model = AToken.from_pretrained(src)
-        state = to_official_state_dict(model)
+        if variant == GS_VARIANT:
+            from atoken.gaussian import GaussianDecoder
+
+            src_p = Path(src)
+            if (src_p / "gaussian_decoder.json").is_file():
+                state = {k: v.contiguous() for k, v in GaussianDecoder.from_pretrained(src_p).state_dict().items()}
+            else:
+                model = AToken.from_pretrained(src)
+                if model.gs_decoder is None:
+                    raise ValueError(f"{src}: the model has no Gaussian decoder to export")
+                state = to_official_gaussian_state_dict(model)
+        else:
+            state = to_official_state_dict(AToken.from_pretrained(src))
         dst.parent.mkdir(parents=True, exist_ok=True)
         if dst.suffix == ".safetensors":
             from safetensors.torch import save_file
@@ -128,6 +174,10 @@ def convert_official(src: str | Path, dst: str | Path, variant: str = "soc", to_
         else:
             torch.save(state, str(dst))
         print(f"wrote {len(state)} tensors in official naming to {dst}")
+        return dst
+    if variant == GS_VARIANT:
+        load_official_gaussian_decoder(src).save_pretrained(dst)
+        print(f"converted {src} ({variant}) -> {dst} (attach with AToken.attach_gaussian_decoder)")
         return dst
     model = load_official(src, variant)
     model.save_pretrained(dst, metadata={"source": str(src), "variant": variant})

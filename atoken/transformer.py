@@ -74,5 +74,29 @@ class Decoder(_Stack):
         h, _ = self.run(latent, coords, capture)
         return self.out_layer(self.out_norm(h))
 
+    @torch.no_grad()
+    def stream(self, latent: torch.Tensor, coords: torch.Tensor, kv_cache_frames: int = 0):
+        """Decodes one sample's tokens tile by tile (tile = temporal_window latent frames), each tile
+        attending to the last `kv_cache_frames` latent frames of the previous tile through a K/V cache.
+        Yields (rec_tokens, coords) per tile, so memory does not grow with the video's length.
+        With kv_cache_frames=0 this equals forward() exactly (the windows are independent)."""
+        if kv_cache_frames >= self.window:
+            raise ValueError(f"kv_cache_frames={kv_cache_frames} must be < the tile of {self.window} latent frames")
+        if len(coords) and int(coords[:, 0].max()) != int(coords[:, 0].min()):
+            raise ValueError("Decoder.stream decodes one sample at a time")
+        t = coords[:, 1].long()
+        caches: list = [None] * len(self.blocks)
+        for start in range(int(t.min()), int(t.max()) + 1, self.window):
+            m = (t >= start) & (t < start + self.window)
+            c = coords[m]
+            pos = c[:, 1:].long().clone()
+            pos[:, 0] -= start
+            grid = (int(pos[:, 1].max()) + 1, int(pos[:, 2].max()) + 1)
+            h = self.input_layer(latent[m]) + self.pos_embedder(pos, [0, len(pos)], [grid])
+            for i, block in enumerate(self.blocks):
+                h, kv = block.forward_cached(h, pos, self.rope, caches[i])
+                caches[i] = kv.keep_last(kv_cache_frames, self.window)
+            yield self.out_layer(self.out_norm(h)), c
+
 
 __all__ = ["Encoder", "Decoder", "LayerNorm32", "RMSNorm32"]

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert-official", help="convert official AToken weights to this project's format")
     c.add_argument("src")
     c.add_argument("dst")
-    c.add_argument("--variant", default="soc", choices=["soc", "sod", "soc-s1"])
+    c.add_argument("--variant", default="soc", choices=["soc", "sod", "soc-s1", "3d-gs"])
     c.add_argument("--to-official", action="store_true", help="write an exported model in the official naming")
     c.set_defaults(func=_convert)
     return p
