@@ -121,10 +121,13 @@ class ATokenConfig:
 
 
 def _preset(name: str, width: int, blocks: int, heads: int, mlp: int, **kw: Any) -> ATokenConfig:
-    return ATokenConfig(
-        encoder_model_channels=width, encoder_num_blocks=blocks, encoder_num_heads=heads,
-        encoder_mlp_channels=mlp, decoder_model_channels=width, decoder_num_blocks=blocks,
-        decoder_num_heads=heads, decoder_mlp_channels=mlp, preset=name, **kw).validate()
+    base = dict(encoder_model_channels=width, encoder_num_blocks=blocks, encoder_num_heads=heads,
+                encoder_mlp_channels=mlp, decoder_model_channels=width, decoder_num_blocks=blocks,
+                decoder_num_heads=heads, decoder_mlp_channels=mlp, preset=name)
+    unknown = sorted(set(kw) - set(ATokenConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"model config: unknown keys {unknown}")
+    return ATokenConfig(**{**base, **kw}).validate()
 
 
 TINY_GAUSSIAN_DECODER = dict(model_channels=64, num_blocks=1, num_heads=2, mlp_channels=128, gaussians_per_voxel=4,

@@ -105,3 +105,32 @@ def unpack(batch: SparseBatch, feats: torch.Tensor | None = None,
         else:
             out.append(tokens_to_video(f, c, sb.shapes[i], patch))
     return out
+
+
+def voxel_centers(voxel_coords: torch.Tensor, grid: int) -> torch.Tensor:
+    """Integer voxel coords of a grid^3 over [-0.5, 0.5]^3 -> world-space centres [N, 3]."""
+    return (voxel_coords.float() + 0.5) / grid - 0.5
+
+
+def voxel_features_from_views(views: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor,
+                              voxel_coords: torch.Tensor, grid: int, patch: int = 16) -> torch.Tensor:
+    """Each occupied voxel takes the patch x patch RGB patch of its nearest view (paper Fig. 3; the
+    release picks the smallest projected depth, with no occlusion test) at the patch its centre
+    projects into. views [V, H, W, 3] in [0, 1] -> features [N, patch*patch*3] in [0, 1], flattened
+    (row, col, channel) like an image patch, ready for voxels_to_tokens."""
+    V, H, W, C = views.shape
+    gh, gw = H // patch, W // patch
+    tiles = views[:, : gh * patch, : gw * patch].reshape(V, gh, patch, gw, patch, C).permute(0, 1, 3, 2, 4, 5)
+    tiles = tiles.reshape(V, gh, gw, patch * patch * C)
+    centres = voxel_centers(voxel_coords, grid)
+    homo = torch.cat([centres, torch.ones(len(centres), 1)], 1)
+    cam = torch.einsum("vij,nj->vni", viewmats.float(), homo)[..., :3]  # [V, N, 3]
+    depth = cam[..., 2]
+    uvw = torch.einsum("vij,vnj->vni", Ks.float(), cam)
+    u, v = uvw[..., 0] / uvw[..., 2].clamp_min(1e-8), uvw[..., 1] / uvw[..., 2].clamp_min(1e-8)
+    inside = (depth > 0) & (u >= 0) & (u < gw * patch) & (v >= 0) & (v < gh * patch)
+    best = torch.where(inside, depth, torch.full_like(depth, float("inf"))).argmin(0)  # [N]
+    n = torch.arange(len(centres))
+    px = (u[best, n] / patch).floor().long().clamp(0, gw - 1)
+    py = (v[best, n] / patch).floor().long().clamp(0, gh - 1)
+    return tiles[best, py, px]

@@ -1,0 +1,92 @@
+"""Metrics and feature-network losses."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from atoken.metrics import frechet_distance, linear_probe_accuracy, psnr, retrieval_recall, ssim, zero_shot_accuracy
+from atoken.pca_floor import PatchPCA
+
+pytestmark = pytest.mark.unit
+
+
+def test_psnr_and_ssim():
+    x = torch.rand(2, 3, 32, 32)
+    y = (x + 0.1).clamp(0, 1)
+    mse = (x - y).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(psnr(x, y), 10 * torch.log10(1 / mse))
+    torch.testing.assert_close(ssim(x, x), torch.ones(2))
+    noisy = (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
+    assert (ssim(x, noisy) < 0.9).all() and (ssim(x, noisy) > ssim(x, torch.rand_like(x))).all()
+
+
+def test_frechet_distance():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 4))
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    shifted = frechet_distance(a, a + np.array([1.0, 0, 0, 0]))
+    assert shifted == pytest.approx(1.0, abs=1e-6)  # only the mean moved by 1
+    assert frechet_distance(a, a * 2) > 1.0
+
+
+def test_understanding_metrics():
+    emb = torch.eye(4)
+    assert zero_shot_accuracy(emb, emb, torch.arange(4)) == 1.0
+    assert zero_shot_accuracy(emb, emb, torch.tensor([1, 0, 2, 3])) == 0.5
+    r = retrieval_recall(emb + 0.01, emb, ks=(1, 2))
+    assert r == {"R@1": 1.0, "R@2": 1.0}
+    assert retrieval_recall(emb, emb.flip(0), ks=(1,))["R@1"] == 0.0
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (50, 3)), rng.normal(4, 1, (50, 3))])
+    y = np.array([0] * 50 + [1] * 50)
+    assert linear_probe_accuracy(x[::2], y[::2], x[1::2], y[1::2]) > 0.95
+
+
+def test_pca_floor_improves_with_components():
+    from skimage import data
+
+    img = data.astronaut()[:256, :256] / 255.0
+    low, high = PatchPCA(8).fit([img]).psnr(img), PatchPCA(48).fit([img]).psnr(img)
+    assert 20 < low < high
+
+
+def test_feature_losses_use_packaged_mobilenet_and_respond_to_structure():
+    from atoken.features import FeatureNetwork
+    from atoken.losses import ImageReconstructionLoss, LossWeights
+
+    net = FeatureNetwork(resolution=64)
+    loss = ImageReconstructionLoss(LossWeights(), net)
+    assert loss.describe()["perceptual"] == "mobilenet_v2@64"
+    from skimage import data
+
+    img = torch.tensor(data.chelsea()[:128, :128] / 127.5 - 1).permute(2, 0, 1)[None].float()
+    same = loss(img, img)
+    blurred = torch.nn.functional.avg_pool2d(img, 5, 1, 2)
+    blur = loss(blurred, img)
+    assert same["perceptual"] < 1e-6 and same["gram"] < 1e-9 and same["clip"] < 1e-5
+    assert blur["perceptual"] > 0.01 and blur["total"] > same["total"]
+    pred = blurred.clone().requires_grad_()
+    loss(pred, img)["total"].backward()
+    assert pred.grad.abs().sum() > 0
+
+
+def test_missing_weights_name_the_setting(tmp_path):
+    from atoken.features import FeatureNetwork
+    from atoken.text import text_tower
+
+    with pytest.raises(FileNotFoundError, match="losses.feature_network_path"):
+        FeatureNetwork(path=tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="text.path"):
+        text_tower("siglip2")
+    with pytest.raises(FileNotFoundError, match="losses.feature_network_path"):
+        FeatureNetwork("siglip2")
+
+
+def test_minilm_text_tower_offline():
+    from atoken.text import text_tower
+
+    t = text_tower("minilm")
+    e = t.encode(["a photo of a cat", "a picture of a cat", "a rocket launch"])
+    assert e.shape == (3, 384) and t.dim == 384
+    assert e[0] @ e[1] > e[0] @ e[2]
