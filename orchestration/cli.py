@@ -3,6 +3,7 @@
 Subcommands:
   atoken samples build --out DIR     build the offline sample corpus
   atoken run [key=value ...]         the main job on embedded defaults (see README)
+  atoken ingest input=... output=... Ray Data ingestion into Arrow shards
   atoken convert-official SRC DST    official AToken weights <-> this project's format
 """
 from __future__ import annotations
@@ -31,6 +32,17 @@ def _run(args: argparse.Namespace) -> int:
     return run_main_job(args.overrides)
 
 
+def _ingest(args: argparse.Namespace) -> int:
+    from orchestration.hydra_config import load
+    from orchestration.ray_env import ensure_ray
+    from pipelines.ingest import run_ingest
+
+    cfg = load("ingest", args.overrides)
+    ensure_ray()
+    run_ingest(cfg)
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from atoken.official import convert_official
 
@@ -54,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the main job (key=value overrides)")
     r.add_argument("overrides", nargs="*")
     r.set_defaults(func=_run)
+
+    i = sub.add_parser("ingest", help="Ray Data ingestion: input=<manifest|folder> output=<shards URI> [overrides]")
+    i.add_argument("overrides", nargs="*")
+    i.set_defaults(func=_ingest)
 
     c = sub.add_parser("convert-official", help="convert official AToken weights to this project's format")
     c.add_argument("src")

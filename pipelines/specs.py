@@ -1,0 +1,103 @@
+"""Manifest items -> sample specs (videos fanned out into clips before any decoding) -> deterministic
+partitions, one shard each.
+
+A partition's name is derived from its modality, index, sample ids and the processing config, so the
+same input and config always give the same shard names, and a changed config never reuses old shards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+from pipelines.config import IngestConfig
+from pipelines.manifest import modality_from_extension, sniff_modality
+from preprocess import storage
+from preprocess.video import clip_specs, probe, target_size
+
+
+@dataclass
+class Partition:
+    name: str
+    modality: str
+    specs: list[dict]
+
+
+def reject(item: dict, stage: str, err: BaseException | str, modality: str | None = None) -> dict:
+    cls = type(err).__name__ if isinstance(err, BaseException) else "Rejected"
+    return {"kind": "reject", "uri": item["uri"], "item_id": item["id"], "modality": modality or item.get("modality") or "unknown",
+            "stage": stage, "error_class": cls, "message": str(err)[:2000]}
+
+
+def expand_item(item: dict, cfg: IngestConfig) -> list[dict]:
+    """One manifest item -> sample specs (or one reject). Runs in a Ray task; never raises."""
+    try:
+        size = storage.size(item["uri"])
+    except FileNotFoundError:
+        return [reject(item, "open", "file not found")]
+    except Exception as e:
+        return [reject(item, "open", e)]
+    if size == 0:
+        return [reject(item, "open", "empty file (0 bytes)")]
+    if size > cfg.resources.max_bytes_per_file:
+        return [reject(item, "open", f"{size} bytes above resources.max_bytes_per_file")]
+    modality = item.get("modality") or modality_from_extension(item["uri"])
+    if modality is None:
+        try:
+            fs, path = storage.filesystem(item["uri"])
+            with fs.open(path, "rb") as f:
+                modality = sniff_modality(f.read(16))
+        except Exception as e:
+            return [reject(item, "probe", e)]
+        if modality is None:
+            return [reject(item, "probe", "unknown modality: extension and content not recognised")]
+    base = {"kind": "spec", "item_id": item["id"], "uri": item["uri"], "modality": modality,
+            "caption": item.get("caption") or "", "label": item.get("label"), "split": item.get("split") or cfg.default_split,
+            "file_bytes": size}
+    if modality == "image":
+        s = cfg.image.max_side
+        return [{**base, "sample_id": item["id"], "clip_index": 0, "est_bytes": s * s * 3 // 2}]
+    if modality == "3d":
+        r = cfg.threed.resolution
+        return [{**base, "sample_id": item["id"], "clip_index": 0, "est_bytes": cfg.threed.views * r * r * 6}]
+    try:
+        with storage.local_path(item["uri"]) as path:
+            meta = probe(path)
+        clips = clip_specs(meta, cfg.video)
+        h, w = target_size(meta.height, meta.width, cfg.video)
+    except Exception as e:
+        return [reject(item, "probe", e, modality)]
+    return [{**base, "sample_id": f"{item['id']}#c{k}", "clip_index": k, "frame_indices": idx, "fps": meta.fps,
+             "size": [h, w], "est_bytes": len(idx) * h * w * 3} for k, idx in enumerate(clips)]
+
+
+def config_digest(cfg: IngestConfig) -> str:
+    keep = {k: dataclasses.asdict(getattr(cfg, k)) for k in ("image", "video", "threed", "shard")}
+    keep["threed"].pop("device", None)
+    return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def partition(specs: list[dict], cfg: IngestConfig) -> list[Partition]:
+    """Sorted by (modality, sample id), cut when the estimated bytes or the row count would exceed the
+    shard targets. Deterministic."""
+    digest = config_digest(cfg)
+    parts: list[Partition] = []
+    for modality in ("image", "video", "3d"):
+        todo = sorted((s for s in specs if s["modality"] == modality), key=lambda s: s["sample_id"])
+        chunk: list[dict] = []
+        size = 0
+        for s in todo:
+            if chunk and (size + s["est_bytes"] > cfg.shard.target_bytes or len(chunk) >= cfg.shard.max_rows):
+                parts.append(_named(modality, len([p for p in parts if p.modality == modality]), chunk, digest))
+                chunk, size = [], 0
+            chunk.append(s)
+            size += s["est_bytes"]
+        if chunk:
+            parts.append(_named(modality, len([p for p in parts if p.modality == modality]), chunk, digest))
+    return parts
+
+
+def _named(modality: str, k: int, chunk: list[dict], digest: str) -> Partition:
+    h = hashlib.sha1(("\n".join(s["sample_id"] for s in chunk) + digest).encode()).hexdigest()[:10]
+    return Partition(f"{modality}-{k:05d}-{h}", modality, chunk)
