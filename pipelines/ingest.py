@@ -33,6 +33,7 @@ def run_ingest(cfg: IngestConfig) -> dict:
     if not ray.is_initialized():
         ray.init(configure_logging=False)
     storage.makedirs(cfg.output)
+    _remove_stale_temporaries(cfg.output)
     items = load_items(cfg.input, cfg.default_split)
     _log(f"{len(items)} items from {cfg.input}")
 
@@ -82,6 +83,19 @@ def run_ingest(cfg: IngestConfig) -> dict:
     storage.commit_bytes(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=1).encode())
     _print_summary(summary)
     return summary
+
+
+def _remove_stale_temporaries(output: str) -> None:
+    """Half-written local files of a killed run (object stores never expose partial puts)."""
+    if storage.is_remote(output):
+        return
+    for sub in ("shards", "quarantine"):
+        d = storage.join(output, sub)
+        if storage.exists(d):
+            for f in storage.list_files(d):
+                if ".tmp-" in f.rsplit("/", 1)[-1]:
+                    fs, path = storage.filesystem(f)
+                    fs.rm(path)
 
 
 def _summary(cfg, items, specs, probe_rejects, results, index, wall) -> dict:

@@ -42,16 +42,19 @@ def expand_item(item: dict, cfg: IngestConfig) -> list[dict]:
         return [reject(item, "open", "empty file (0 bytes)")]
     if size > cfg.resources.max_bytes_per_file:
         return [reject(item, "open", f"{size} bytes above resources.max_bytes_per_file")]
-    modality = item.get("modality") or modality_from_extension(item["uri"])
+    try:
+        fs, path = storage.filesystem(item["uri"])
+        with fs.open(path, "rb") as f:
+            sniffed = sniff_modality(f.read(16))
+    except Exception as e:
+        return [reject(item, "probe", e)]
+    declared = item.get("modality") or modality_from_extension(item["uri"])
+    if declared is not None and sniffed is not None and sniffed != declared:
+        return [reject(item, "probe", f"content is {sniffed} data but the {'manifest' if item.get('modality') else 'extension'} "
+                                       f"says {declared} (the file's name or manifest entry lies)", declared)]
+    modality = declared or sniffed
     if modality is None:
-        try:
-            fs, path = storage.filesystem(item["uri"])
-            with fs.open(path, "rb") as f:
-                modality = sniff_modality(f.read(16))
-        except Exception as e:
-            return [reject(item, "probe", e)]
-        if modality is None:
-            return [reject(item, "probe", "unknown modality: extension and content not recognised")]
+        return [reject(item, "probe", "unknown modality: extension and content not recognised")]
     base = {"kind": "spec", "item_id": item["id"], "uri": item["uri"], "modality": modality,
             "caption": item.get("caption") or "", "label": item.get("label"), "split": item.get("split") or cfg.default_split,
             "file_bytes": size}

@@ -78,6 +78,8 @@ def decode_image(data: bytes, policy: ImagePolicy = ImagePolicy()) -> np.ndarray
         raise ValueError("empty file (0 bytes)")
     try:
         im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"decompression bomb refused ({e}); limit image.max_pixels={policy.max_pixels}") from None
     except Exception as e:
         raise ValueError(f"not a decodable image ({type(e).__name__}: {e})") from None
     w, h = im.size

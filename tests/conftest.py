@@ -38,13 +38,14 @@ def reference_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray cluster with 2 CPUs on loopback, shared by the session."""
+def ray_cluster(s3_server):
+    """A local Ray cluster with 2 CPUs on loopback, shared by the session; its workers see the S3
+    fixture's endpoint and credentials."""
     import ray
 
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), **s3_server["env"]}
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             configure_logging=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+             configure_logging=False, log_to_driver=False, runtime_env={"env_vars": env})
     try:
         yield ray
     finally:
@@ -81,3 +82,16 @@ def mlflow_server(tmp_path_factory):
         yield svc.url
     finally:
         svc.stop()
+
+
+SMALL_INGEST = ["image.max_side=128", "video.frames_per_clip=8", "video.max_clips_per_video=2", "video.max_side=128",
+                "threed.views=4", "threed.resolution=64", "threed.grid=16", "shard.max_rows=64"]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """The real sample corpus, scaled down: 15 photos, 20 digits, 8 videos, 4 3DGS assets."""
+    from preprocess.sample_corpus import CorpusConfig, build_corpus
+
+    out = tmp_path_factory.mktemp("small_corpus")
+    return build_corpus(out, CorpusConfig(digits_per_class=2, gaussians_per_asset=600))
