@@ -30,7 +30,10 @@ class LossWeights:
     distill_tau: float = 2.0
 
     def validate(self) -> "LossWeights":
-        for k, v in self.__dict__.items():
+        import dataclasses
+
+        for f in dataclasses.fields(LossWeights):
+            k, v = f.name, getattr(self, f.name)
             if not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"losses.{k}={v!r}: must be a non-negative number")
         if self.distill_tau <= 0:

@@ -46,8 +46,9 @@ class AToken(nn.Module):
 
             self.gs_decoder = GaussianDecoder(GaussianDecoderConfig(**config.gaussian_decoder))
         # Not in official checkpoints (hard-coded there); trainable here for the sigmoid text loss.
-        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))
-        self.logit_bias = nn.Parameter(torch.tensor(config.logit_bias_init))
+        # shape [1], not 0-d: DeepSpeed's parameter broadcast cannot view 0-d tensors as bytes
+        self.logit_scale = nn.Parameter(torch.tensor([config.logit_scale_init]))
+        self.logit_bias = nn.Parameter(torch.tensor([config.logit_bias_init]))
 
     # ---------------------------------------------------------------- packed-token level
     def encode_sparse(self, batch: SparseBatch, capture: dict | None = None) -> EncodeOutput:

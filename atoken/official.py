@@ -126,7 +126,7 @@ def load_official(path: str | Path, variant: str = "soc", config: ATokenConfig |
     check_keys(state, own)
     full = {k: v.to(own[k].dtype) for k, v in state.items()}
     for k, v in NOT_IN_OFFICIAL.items():
-        full[k] = torch.tensor(v, dtype=own[k].dtype)
+        full[k] = torch.full(own[k].shape, v, dtype=own[k].dtype)
     missing, unexpected = model.load_state_dict(full, strict=False)
     if unexpected or [k for k in missing if not k.startswith(GS_PREFIX)]:
         raise ValueError(f"official load: missing {missing}, unexpected {unexpected}")

@@ -32,6 +32,9 @@ def run_ingest(cfg: IngestConfig) -> dict:
     t0 = time.time()
     if not ray.is_initialized():
         ray.init(configure_logging=False)
+    # Each phase is a single map operator; Ray Data's per-operator reservation would only hold CPUs back
+    # (measured: 6 x 1 s tasks on 2 CPUs take 4.4 s with it, 3.1 s without).
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
     storage.makedirs(cfg.output)
     _remove_stale_temporaries(cfg.output)
     items = load_items(cfg.input, cfg.default_split)

@@ -18,7 +18,7 @@ from preprocess.gaussians import activate_normalised, read_3dgs
 from preprocess.images import decode_image
 from preprocess.multiview import render_multiview
 from preprocess.schema import encode_pixels, to_table
-from preprocess.video import decode_clip
+from preprocess.video import ClipReader
 
 
 def _base_row(spec: dict) -> dict:
@@ -27,7 +27,28 @@ def _base_row(spec: dict) -> dict:
             "clip_index": spec.get("clip_index", 0), "frame_indices": spec.get("frame_indices"), "fps": spec.get("fps")}
 
 
-def sample_row(spec: dict, cfg: IngestConfig) -> tuple[dict, int]:
+class _OpenVideos:
+    """Keeps the current video open across consecutive clip specs of a partition (specs are sorted, so
+    a video's clips are adjacent): one download / open per video instead of one per clip."""
+
+    def __init__(self):
+        self.key, self.reader, self._ctx = None, None, None
+
+    def get(self, uri: str, size: tuple[int, int]) -> ClipReader:
+        if self.key != (uri, size):
+            self.close()
+            self._ctx = storage.local_path(uri)
+            self.reader, self.key = ClipReader(self._ctx.__enter__(), size), (uri, size)
+        return self.reader
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self.reader.close()
+            self._ctx.__exit__(None, None, None)
+        self.key, self.reader, self._ctx = None, None, None
+
+
+def sample_row(spec: dict, cfg: IngestConfig, videos: _OpenVideos | None = None) -> tuple[dict, int]:
     """-> (shard row, frames produced). Raises ValueError with the problem on bad input."""
     row = _base_row(spec)
     enc = cfg.shard.encoding
@@ -37,8 +58,13 @@ def sample_row(spec: dict, cfg: IngestConfig) -> tuple[dict, int]:
                    pixels=encode_pixels(arr, enc))
         return row, 1
     if spec["modality"] == "video":
-        with storage.local_path(spec["uri"]) as path:
-            arr = decode_clip(path, spec["frame_indices"], tuple(spec["size"]))
+        own = videos is None
+        videos = videos or _OpenVideos()
+        try:
+            arr = videos.get(spec["uri"], tuple(spec["size"])).clip(spec["frame_indices"])
+        finally:
+            if own:
+                videos.close()
         row.update(frames=arr.shape[0], height=arr.shape[1], width=arr.shape[2], channels=3, pixel_encoding=enc,
                    pixels=encode_pixels(arr, enc))
         return row, int(arr.shape[0])
@@ -60,14 +86,16 @@ def process_partition(part: dict, cfg: IngestConfig) -> dict:
     t0 = time.time()
     rows, rejects, frames = [], [], 0
     stage = {"image": "decode", "video": "decode", "3d": "render"}[part["modality"]]
-    for spec in part["specs"]:
+    videos = _OpenVideos()
+    for spec in sorted(part["specs"], key=lambda s: (s["item_id"], s.get("clip_index", 0))):
         try:
-            row, n = sample_row(spec, cfg)
+            row, n = sample_row(spec, cfg, videos)
             rows.append(row)
             frames += n
         except Exception as e:  # one bad sample never stops the partition
             rejects.append(reject({"uri": spec["uri"], "id": spec["item_id"], "modality": spec["modality"]},
                                   stage, e, spec["modality"]))
+    videos.close()
     out = cfg.output
     name = part["name"]
     table = to_table(rows)

@@ -28,8 +28,9 @@ def iter_rows(output: str, **kw) -> Iterator[dict]:
         yield from t.to_pylist()
 
 
-def read_shards(output: str, modality: str | None = None, split: str | None = None):
-    """A Ray Dataset over the committed shards (one read task per shard file)."""
+def read_shards(output: str, modality: str | None = None, split: str | None = None, num_cpus: float | None = None):
+    """A Ray Dataset over the committed shards (one read task per shard file). `num_cpus` per read task:
+    training passes a small value, since reading Arrow is I/O and the train workers hold the CPUs."""
     import ray.data
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
@@ -54,4 +55,5 @@ def read_shards(output: str, modality: str | None = None, split: str | None = No
 
     if not uris:
         raise ValueError(f"{output}: no shards{' for modality ' + modality if modality else ''}")
-    return ray.data.read_datasource(ArrowShardDatasource(), override_num_blocks=len(uris))
+    kw = {} if num_cpus is None else {"num_cpus": num_cpus}
+    return ray.data.read_datasource(ArrowShardDatasource(), override_num_blocks=len(uris), **kw)

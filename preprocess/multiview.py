@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from atoken.cameras import sphere_cameras
-from atoken.render import render
+import numpy as np
+
+if TYPE_CHECKING:  # torch and the renderer load only where 3D is rendered (decode workers stay light)
+    import torch
 
 
 @dataclass
@@ -42,6 +43,11 @@ class MultiviewPolicy:
 
 def render_multiview(g: dict[str, np.ndarray], policy: MultiviewPolicy) -> dict[str, np.ndarray]:
     """-> rgba uint8 [V,R,R,4], depth float16 [V,R,R], viewmats [V,4,4], Ks [V,3,3], voxels int16 [N,3]."""
+    import torch
+
+    from atoken.cameras import sphere_cameras
+    from atoken.render import render
+
     dev = policy.device if policy.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     R = policy.resolution
     viewmats, Ks = sphere_cameras(policy.views, policy.radius, policy.fov_deg, R, R)
@@ -58,10 +64,12 @@ def render_multiview(g: dict[str, np.ndarray], policy: MultiviewPolicy) -> dict[
             "Ks": Ks.numpy(), "voxels": voxels.astype(np.int16), "backend": out.backend}
 
 
-def occupancy(depth: torch.Tensor, alpha: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor, grid: int,
+def occupancy(depth: "torch.Tensor", alpha: "torch.Tensor", viewmats: "torch.Tensor", Ks: "torch.Tensor", grid: int,
               threshold: float = 0.5) -> np.ndarray:
     """Unprojects pixels with alpha > threshold at their depth; returns the unique occupied voxels
     (x, y, z) of a grid^3 over [-0.5, 0.5]^3, sorted."""
+    import torch
+
     V, H, W = depth.shape
     v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32) + 0.5, torch.arange(W, dtype=torch.float32) + 0.5,
                           indexing="ij")

@@ -105,3 +105,20 @@ def makedirs(uri: str) -> None:
     fs, path = filesystem(uri)
     if not is_remote(uri):
         fs.makedirs(path, exist_ok=True)
+
+
+def pyarrow_filesystem(uri: str):
+    """(pyarrow FileSystem, path) for Ray Train's RunConfig; S3 honours AWS_ENDPOINT_URL."""
+    import pyarrow.fs as pafs
+
+    if uri.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
+        kw = {}
+        if endpoint:
+            kw = {"endpoint_override": endpoint, "scheme": "https" if endpoint.startswith("https") else "http"}
+        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+        if region:
+            kw["region"] = region
+        return pafs.S3FileSystem(**kw), uri[len("s3://"):]
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    return pafs.LocalFileSystem(), os.path.abspath(path)

@@ -111,22 +111,48 @@ def clip_specs(meta: VideoMeta, policy: VideoPolicy) -> list[list[int]]:
     return [[int(math.floor(k * gap)) + i * stride for i in range(policy.frames_per_clip)] for k in range(count)]
 
 
-def decode_clip(path: str, indices: list[int], size: tuple[int, int]) -> np.ndarray:
-    """Decodes exactly `indices` at `size` (h, w) -> uint8 [T, h, w, 3]."""
-    h, w = size
-    try:
-        import decord
+class ClipReader:
+    """Decodes clips of one video at one size with a single open decoder (clips in ascending order
+    decode forward without re-seeking). Falls back to PyAV per clip when decord fails."""
 
-        vr = decord.VideoReader(path, width=w, height=h, num_threads=1)
-        frames = vr.get_batch(indices).asnumpy()
-        del vr
-        return np.ascontiguousarray(frames)
-    except Exception as first:
+    def __init__(self, path: str, size: tuple[int, int]):
+        self.path, self.size = path, size
+        self._vr = None
+        self._decord_error: Exception | None = None
+
+    def _reader(self):
+        if self._vr is None and self._decord_error is None:
+            try:
+                import decord
+
+                h, w = self.size
+                self._vr = decord.VideoReader(self.path, width=w, height=h, num_threads=1)
+            except Exception as e:
+                self._decord_error = e
+        return self._vr
+
+    def clip(self, indices: list[int]) -> np.ndarray:
+        """Exactly `indices` -> uint8 [T, h, w, 3]."""
+        vr = self._reader()
+        first = self._decord_error
+        if vr is not None:
+            try:
+                return np.ascontiguousarray(vr.get_batch(indices).asnumpy())
+            except Exception as e:
+                first = e
         try:
-            return _decode_clip_av(path, indices, size)
+            return _decode_clip_av(self.path, indices, self.size)
         except Exception as e:
             raise ValueError(f"cannot decode frames {indices[0]}..{indices[-1]}: decord: "
                              f"{type(first).__name__}; av: {type(e).__name__}: {e}") from None
+
+    def close(self) -> None:
+        self._vr = None
+
+
+def decode_clip(path: str, indices: list[int], size: tuple[int, int]) -> np.ndarray:
+    """Decodes exactly `indices` at `size` (h, w) -> uint8 [T, h, w, 3]."""
+    return ClipReader(path, size).clip(indices)
 
 
 def _decode_clip_av(path: str, indices: list[int], size: tuple[int, int]) -> np.ndarray:

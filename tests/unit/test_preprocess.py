@@ -179,13 +179,19 @@ def test_manifest_errors_and_folder_listing(tmp_path):
     assert [(i.id, i.modality) for i in items] == [("a.png", "image"), ("c.ply", "3d"), ("sub/b.mp4", "video")]
 
 
-def test_partitions_are_deterministic_and_bounded():
+def test_partitions_are_deterministic_bounded_and_keep_videos_together():
     cfg = IngestConfig(input="x", output="y")
     cfg.shard.max_rows = 3
-    specs = [{"sample_id": f"s{i:02d}", "modality": "image" if i % 3 else "video", "est_bytes": 10} for i in range(20)]
+    specs = [{"sample_id": f"s{i:02d}", "item_id": f"s{i:02d}", "modality": "image", "est_bytes": 10} for i in range(14)]
+    specs += [{"sample_id": f"v{v}#c{c}", "item_id": f"v{v}", "clip_index": c, "modality": "video", "est_bytes": 10}
+              for v, clips in ((0, 2), (1, 2), (2, 7)) for c in range(clips)]
     a, b = partition(specs, cfg), partition(list(reversed(specs)), cfg)
     assert [p.name for p in a] == [p.name for p in b]
-    assert all(len(p.specs) <= 3 for p in a) and sum(len(p.specs) for p in a) == 20
+    assert all(len(p.specs) <= 3 for p in a) and sum(len(p.specs) for p in a) == len(specs)
+    videos = [[s["sample_id"] for s in p.specs] for p in a if p.modality == "video"]
+    # v0 and v1 (2 clips each) never share a partition with a cut inside them; v2 (7 clips) is split in order
+    assert videos[:2] == [["v0#c0", "v0#c1"], ["v1#c0", "v1#c1"]]
+    assert videos[2:] == [["v2#c0", "v2#c1", "v2#c2"], ["v2#c3", "v2#c4", "v2#c5"], ["v2#c6"]]
     cfg2 = IngestConfig(input="x", output="y")
     cfg2.shard.max_rows, cfg2.video.frames_per_clip = 3, 8
     assert {p.name for p in partition(specs, cfg2)}.isdisjoint({p.name for p in a})  # config change -> new names

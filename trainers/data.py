@@ -1,0 +1,178 @@
+"""Training data on a worker: shard rows -> model samples, one stream per task, packed under a token
+budget, with a deterministic task schedule and background refills whose wait time is measured.
+
+Every rank follows the same task schedule (a function of the step only): under ZeRO-3 all ranks must
+run the same modules in the same order, since parameters are gathered in forward hooks.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from atoken.packing import first_fit_decreasing
+from atoken.patchify import voxel_features_from_views
+from preprocess.schema import decode_3d, decode_pixels
+
+
+def task_schedule(ratios: dict[str, float], slots: int = 9) -> list[str]:
+    """A round-robin cycle with each task's share of `slots` (paper Table 2 reads as 9 slots:
+    stage 2 = 2:1:6, stages 3-4 = 2:1:4:1:1). Tasks are interleaved, not run in blocks."""
+    active = {t: r for t, r in ratios.items() if r > 0}
+    total = sum(active.values())
+    counts = {t: max(1, round(slots * r / total)) for t, r in active.items()}
+    cycle: list[str] = []
+    credit = {t: 0.0 for t in counts}
+    n = sum(counts.values())
+    for _ in range(n):  # smooth weighted round robin
+        for t in credit:
+            credit[t] += counts[t]
+        best = max(credit, key=lambda t: (credit[t], -list(credit).index(t)))
+        credit[best] -= n
+        cycle.append(best)
+    return cycle
+
+
+@dataclass
+class Sample:
+    modality: str
+    data: object  # tensor [H,W,3] / [T,H,W,3] in [-1,1], or (voxel feats [N,768] in [0,1], coords [N,3])
+    tokens: int
+    caption: str
+    label: str | None
+    sample_id: str
+    views: dict | None = None  # 3D: rgb [V,H,W,3] in [0,1], viewmats, Ks (for the render loss)
+
+
+def _crop_to_tokens(x: np.ndarray, max_tokens: int, patch: int = 16) -> np.ndarray:
+    """Centre-crops [T, H, W, C] (T multiple of 4 kept) so that (T/4)*(H/16)*(W/16) <= max_tokens."""
+    T, H, W = x.shape[0], x.shape[1] - x.shape[1] % patch, x.shape[2] - x.shape[2] % patch
+    nt = max(1, T // 4)
+    while nt * (H // patch) * (W // patch) > max_tokens and nt > 1:
+        nt -= 1
+    while nt * (H // patch) * (W // patch) > max_tokens and max(H, W) > patch:
+        if H >= W:
+            H -= patch
+        else:
+            W -= patch
+    top, left = (x.shape[1] - H) // 2, (x.shape[2] - W) // 2
+    frames = x[: nt * 4] if T >= 4 else x
+    return frames[:, top:top + H, left:left + W]
+
+
+def row_to_sample(row: dict, max_tokens: int, patch: int = 16) -> Sample:
+    px = decode_pixels(row)
+    if row["modality"] == "image":
+        x = _crop_to_tokens(px, max_tokens, patch)[0]
+        t = torch.from_numpy(x.astype(np.float32) / 127.5 - 1)
+        return Sample("image", t, (t.shape[0] // patch) * (t.shape[1] // patch), row["caption"] or "", row["label"],
+                      row["sample_id"])
+    if row["modality"] == "video":
+        x = _crop_to_tokens(px, max_tokens, patch)
+        t = torch.from_numpy(x.astype(np.float32) / 127.5 - 1)
+        return Sample("video", t, (t.shape[0] // 4) * (t.shape[1] // patch) * (t.shape[2] // patch), row["caption"] or "",
+                      row["label"], row["sample_id"])
+    extra = decode_3d(row)
+    rgb = torch.from_numpy(px[..., :3].astype(np.float32) / 255.0)  # rendered over black (premultiplied)
+    vox = torch.from_numpy(extra["voxels"].astype(np.int64))
+    if len(vox) > max_tokens:  # deterministic subsample
+        keep = torch.from_numpy(np.sort(np.random.default_rng(0).choice(len(vox), max_tokens, replace=False)))
+        vox = vox[keep]
+    vm, K = torch.from_numpy(extra["viewmats"]), torch.from_numpy(extra["intrinsics"])
+    feats = voxel_features_from_views(rgb, vm, K, vox, int(row["grid"]), patch)
+    return Sample("3d", (feats, vox), len(vox), row["caption"] or "", row["label"], row["sample_id"],
+                  views={"rgb": rgb, "viewmats": vm, "Ks": K, "grid": int(row["grid"])})
+
+
+class TaskStream:
+    """Endless samples of one task from an iterable of shard rows (re-iterated each epoch), skipping
+    the rows a resumed run already consumed."""
+
+    def __init__(self, rows_factory: Callable[[], Iterator[dict]], max_tokens: int, skip: int = 0):
+        self.factory, self.max_tokens = rows_factory, max_tokens
+        self.consumed = 0
+        self._it: Iterator[dict] | None = None
+        for _ in range(skip):
+            self._next_row()
+
+    def _next_row(self) -> dict:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.factory())
+            try:
+                row = next(self._it)
+                self.consumed += 1
+                return row
+            except StopIteration:
+                self._it = None
+        raise RuntimeError("task stream is empty (no shard rows for this task on this worker)")
+
+    def next(self) -> Sample:
+        return row_to_sample(self._next_row(), self.max_tokens)
+
+
+class TaskPool:
+    """A fixed-size look-ahead pool of one task's samples, refilled in a background thread.
+
+    Ranks consume rows in lockstep: each step every rank proposes how many samples its best budget-
+    filling bin holds, the ranks agree on the minimum (one all-reduce on the main thread), and each
+    takes exactly that many. Refills are then identical on every rank, so all ranks reach a Ray Data
+    epoch end (a barrier across `streaming_split` iterators) at the same step and never deadlock against
+    ZeRO-3's collectives.
+    """
+
+    def __init__(self, stream: TaskStream, size: int):
+        self.stream, self.size = stream, size
+        self.samples: list[Sample] = []
+        self._refill: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._start(size)
+
+    def _start(self, n: int) -> None:
+        def work():
+            try:
+                for _ in range(n):
+                    self.samples.append(self.stream.next())
+            except BaseException as e:
+                self._error = e
+        self._refill = threading.Thread(target=work, daemon=True)
+        self._refill.start()
+
+    def wait(self) -> float:
+        """Blocks until the pool is full; returns the seconds waited (data wait)."""
+        t = time.perf_counter()
+        if self._refill is not None:
+            self._refill.join()
+            self._refill = None
+        if self._error is not None:
+            raise self._error
+        return time.perf_counter() - t
+
+    def best_bin(self, budget: int) -> list[int]:
+        bins = first_fit_decreasing([s.tokens for s in self.samples], budget)
+        best = max(bins, key=lambda b: sum(self.samples[i].tokens for i in b))
+        return sorted(best, key=lambda i: -self.samples[i].tokens)
+
+    def take(self, k: int, budget: int) -> list[Sample]:
+        """The k largest samples of the best bin (within budget); refill k in the background."""
+        chosen = sorted(self.best_bin(budget)[:k])
+        batch = [self.samples[i] for i in chosen]
+        keep = set(chosen)
+        self.samples = [s for i, s in enumerate(self.samples) if i not in keep]
+        self._start(len(batch))
+        return batch
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warmup then cosine decay to min_ratio x peak (paper: 2000 warmup, 3e-4 -> 3e-5)."""
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        p = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    return f

@@ -1,0 +1,87 @@
+"""The module DeepSpeed trains: AToken plus the text projection, with one loss function per task."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from atoken.losses import ImageReconstructionLoss, l1_loss, render_loss, siglip_sigmoid_loss
+from atoken.model import AToken
+from atoken.patchify import pack, unpack
+from trainers.config import StageConfig
+from trainers.data import Sample
+
+
+class TrainModule(nn.Module):
+    def __init__(self, model: AToken, text_dim: int, feature_net: nn.Module | None, cfg: StageConfig):
+        super().__init__()
+        self.model = model
+        width = model.config.encoder_model_channels
+        # maps the text tower's embedding into the semantic head's space (identity-sized for SigLIP2 So400m)
+        self.text_proj = nn.Linear(text_dim, width, bias=False)
+        nn.init.normal_(self.text_proj.weight, std=text_dim ** -0.5)
+        # frozen and outside the module tree, so ZeRO-3 neither partitions nor checkpoints it
+        self.__dict__["rec_loss"] = ImageReconstructionLoss(cfg.losses, feature_net)
+        self.cfg = cfg
+
+    def forward(self, task: str, samples: list[Sample], text: torch.Tensor | None = None, step: int = 0) -> dict:
+        dev = next(self.model.parameters()).device
+        dtype = next(self.model.parameters()).dtype
+        batch = pack([(s.modality, s.data) for s in samples], self.model.config.patch_size,
+                     self.model.config.in_channels).to(dev, dtype)
+        w = self.cfg.losses
+        if task.endswith("_und"):
+            enc = self.model.encode_sparse(batch)
+            t = F.normalize(self.text_proj(text.to(dev, dtype)), dim=-1)
+            sem = siglip_sigmoid_loss(enc.semantic, t, self.model.logit_scale, self.model.logit_bias)
+            return {"sem": sem, "total": w.sem * sem}
+        out = self.model(batch, sample=True)
+        rec, target = out["rec"], batch.feats
+        terms: dict[str, torch.Tensor] = {}
+        if task == "image_rec":
+            terms["l1"] = l1_loss(rec[:, :768], target[:, :768])  # frame 0: the image's padding is discarded
+            if self.rec_loss.features is not None:
+                pred_imgs = _resized(unpack(batch, rec, self.model.config.patch_size), w.feature_resolution)
+                true_imgs = _resized(unpack(batch, target, self.model.config.patch_size), w.feature_resolution)
+                feat = self.rec_loss(pred_imgs, true_imgs)
+                terms.update({k: v for k, v in feat.items() if k not in ("l1", "total")})
+                rec_total = feat["total"] - w.l1 * feat["l1"] + w.l1 * terms["l1"]
+            else:
+                rec_total = w.l1 * terms["l1"]
+        elif task == "video_rec":
+            terms["l1"] = l1_loss(rec, target)
+            rec_total = terms["l1"]
+        else:  # 3d_rec: voxel patch features, plus renders of the Gaussian decoder
+            terms["l1"] = l1_loss(rec[:, :768], target[:, :768])
+            rec_total = terms["l1"]
+            if self.model.gs_decoder is not None and self.cfg.data.render_views > 0:
+                r = self._render_loss(rec[:, :768], batch.coords, samples, step)
+                terms.update({"render_l1": r["l1"], "render_ssim": r["ssim"]})
+                rec_total = rec_total + r["total"]
+        kl = out["posterior"].kl() if self.model.quantizer is None else rec.new_zeros(())
+        terms["kl"] = kl
+        terms["total"] = w.rec * rec_total + w.kl * kl
+        return terms
+
+    def _render_loss(self, voxel_rgb: torch.Tensor, coords: torch.Tensor, samples: list[Sample], step: int) -> dict:
+        res, nv = self.cfg.data.render_resolution, self.cfg.data.render_views
+        g = self.model.gs_decoder(voxel_rgb, coords)
+        preds, targets = [], []
+        for b, s in enumerate(samples):
+            v = s.views
+            V, H = v["rgb"].shape[0], v["rgb"].shape[1]
+            idx = [(step * nv + k) % V for k in range(nv)]  # rotate through the stored views
+            Ks = v["Ks"][idx].clone()
+            Ks[:, :2] *= res / H
+            out = self.model.gs_decoder.render(g.select(b), v["viewmats"][idx].to(voxel_rgb.device),
+                                               Ks.to(voxel_rgb.device), res, res)
+            preds.append(out.rgb.permute(0, 3, 1, 2))
+            tgt = v["rgb"][idx].permute(0, 3, 1, 2).to(voxel_rgb.device)
+            targets.append(F.interpolate(tgt, size=(res, res), mode="bilinear", antialias=True, align_corners=False))
+        return render_loss(torch.cat(preds).float().clamp(0, 1), torch.cat(targets).float(), self.cfg.losses.render_ssim)
+
+
+def _resized(images: list[torch.Tensor], res: int) -> torch.Tensor:
+    """Per-sample [1, H, W, 3] -> one [N, 3, res, res] batch (the paper computes feature losses at 224²)."""
+    return torch.cat([F.interpolate(im[:1].permute(0, 3, 1, 2).float(), size=(res, res), mode="bilinear",
+                                    align_corners=False, antialias=True) for im in images])
