@@ -2,7 +2,8 @@
 
 Subcommands:
   atoken samples build --out DIR     build the offline sample corpus
-  atoken run [key=value ...]         the main job on embedded defaults (see README)
+  atoken run [key=value ...]         the curriculum workflow (the main job) on embedded defaults
+  atoken status | promote | rollback operate the workflow's registry
   atoken ingest input=... output=... Ray Data ingestion into Arrow shards
   atoken convert-official SRC DST    official AToken weights <-> this project's format
 """
@@ -26,10 +27,56 @@ def _samples(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
-    from orchestration.main_job import run_main_job
+def _workflow_cfg(overrides: list[str]):
+    from orchestration.hydra_config import load
 
-    return run_main_job(args.overrides)
+    return load("run", overrides)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from orchestration.workflow import GateFailed, run_workflow
+
+    try:
+        run_workflow(_workflow_cfg(args.overrides))
+    except GateFailed as e:
+        print(f"atoken run: stopped: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from orchestration.workflow import status
+
+    print(status(_workflow_cfg(args.overrides)))
+    return 0
+
+
+def _client(cfg):
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(cfg.tracking_uri or f"sqlite:///{Path(cfg.work_dir).resolve() / 'mlflow.db'}")
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from orchestration.tracking import promote
+
+    cfg = _workflow_cfg(args.overrides)
+    prev = promote(_client(cfg), cfg.registered_model, str(args.version), args.alias)
+    print(f"{cfg.registered_model}@{args.alias}: v{prev or '-'} -> v{args.version}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from orchestration.tracking import alias_holder, rollback
+
+    cfg = _workflow_cfg(args.overrides)
+    client = _client(cfg)
+    before = alias_holder(client, cfg.registered_model, args.alias)
+    now = rollback(client, cfg.registered_model, args.alias)
+    print(f"{cfg.registered_model}@{args.alias}: v{before} -> v{now}")
+    return 0
 
 
 def _ingest(args: argparse.Namespace) -> int:
@@ -63,9 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gaussians", type=int, default=3000, help="Gaussians per 3D asset")
     b.set_defaults(func=_samples)
 
-    r = sub.add_parser("run", help="run the main job (key=value overrides)")
+    r = sub.add_parser("run", help="the curriculum workflow (the main job); Hydra overrides")
     r.add_argument("overrides", nargs="*")
     r.set_defaults(func=_run)
+
+    st = sub.add_parser("status", help="the workflow's steps, metrics, versions and aliases")
+    st.add_argument("overrides", nargs="*")
+    st.set_defaults(func=_status)
+
+    pr = sub.add_parser("promote", help="point an alias at a registered version")
+    pr.add_argument("--version", required=True, type=int)
+    pr.add_argument("--alias", required=True)
+    pr.add_argument("overrides", nargs="*")
+    pr.set_defaults(func=_promote)
+
+    rb = sub.add_parser("rollback", help="move an alias back to its previous holder")
+    rb.add_argument("--alias", required=True)
+    rb.add_argument("overrides", nargs="*")
+    rb.set_defaults(func=_rollback)
 
     i = sub.add_parser("ingest", help="Ray Data ingestion: input=<manifest|folder> output=<shards URI> [overrides]")
     i.add_argument("overrides", nargs="*")

@@ -162,7 +162,8 @@ def train_loop_per_worker(config: dict) -> None:
         return torch.stack([text_cache[c] for c in captions])
 
     window = {"tokens": 0, "samples": 0, "wait": 0.0, "t0": time.perf_counter(), "steps": 0, "losses": {}}
-    restarts = int(os.environ.get("ATOKEN_RESTARTS", "0"))
+    history_uri = storage_join(cfg.run.storage, cfg.run.name, "metrics.jsonl")
+    history = _read_history(history_uri, start_step) if rank == 0 else []
     step = start_step
     for step in range(start_step, cfg.steps):
         task = cycle[step % len(cycle)]
@@ -182,6 +183,9 @@ def train_loop_per_worker(config: dict) -> None:
         is_ckpt = done % cfg.run.checkpoint_every == 0 or done == cfg.steps
         if done % cfg.run.report_every == 0 or is_ckpt:
             metrics = _window_metrics(window, engine, device, world, done, task)
+            if rank == 0:  # the step-by-step history the workflow logs to MLflow
+                history.append(metrics)
+                _write_history(history_uri, history)
             if is_ckpt:
                 with tempfile.TemporaryDirectory(prefix="atoken-ckpt-") as d:
                     engine.save_checkpoint(d, tag="ds", client_state={"step": done})
@@ -200,7 +204,27 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics)
             window = {"tokens": 0, "samples": 0, "wait": 0.0, "t0": time.perf_counter(), "steps": 0, "losses": {}}
     _export(engine, ema, module, cfg, rank)
-    del restarts
+
+
+def storage_join(*parts: str) -> str:
+    from preprocess import storage
+
+    return storage.join(*parts)
+
+
+def _read_history(uri: str, upto: int) -> list[dict]:
+    from preprocess import storage
+
+    if not storage.exists(uri):
+        return []
+    rows = [json.loads(x) for x in storage.read_bytes(uri).decode().splitlines() if x.strip()]
+    return [r for r in rows if r["step"] <= upto]
+
+
+def _write_history(uri: str, rows: list[dict]) -> None:
+    from preprocess import storage
+
+    storage.commit_bytes(uri, "\n".join(json.dumps(r) for r in rows).encode())
 
 
 def _window_metrics(w: dict, engine, device, world: int, step: int, task: str) -> dict:

@@ -1,0 +1,89 @@
+"""Typed config of the curriculum workflow (`atoken run`); Hydra groups in conf/{data,model,curriculum,cluster}."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataGroup:
+    input: str = ""  # manifest or folder; empty: build the offline sample corpus under work_dir
+    digits_per_class: int = 20
+    gaussians_per_asset: int = 600
+    ingest_overrides: list[str] = field(default_factory=lambda: [
+        "image.max_side=64", "video.frames_per_clip=8", "video.max_clips_per_video=1", "video.max_side=64",
+        "threed.views=4", "threed.resolution=64", "threed.grid=8"])
+
+
+@dataclass
+class ModelGroup:
+    preset: str = "tiny"
+    init_official: str = ""  # start stage `official_stage` from an official checkpoint
+    official_variant: str = "soc"
+    official_stage: int = 0
+    siglip2_path: str = ""
+
+
+@dataclass
+class StageSpec:
+    stage: int = 1
+    steps: int = 6
+    ratios: dict[str, float] = field(default_factory=dict)
+    latent_channels: int = 32
+    fsq: bool = False
+
+
+@dataclass
+class Gates:
+    """A stage is promoted only if every gate passes. Absolute floors and drops relative to the stage it
+    starts from (None disables a gate)."""
+    min_image_psnr: float | None = 5.0
+    max_image_psnr_drop: float | None = 6.0
+    min_video_psnr: float | None = None
+    min_3d_psnr: float | None = None
+    beat_pca_floor: bool = False  # image PSNR must exceed the linear PCA codec's
+
+
+@dataclass
+class CurriculumGroup:
+    stages: list[StageSpec] = field(default_factory=list)
+    token_budget: int = 256
+    max_tokens_per_sample: int = 256
+    lr: float = 1e-3
+    warmup_steps: int = 2
+    checkpoint_every: int = 3
+    feature_resolution: int = 64
+    eval_items: int = 16
+    gates: Gates = field(default_factory=Gates)
+
+
+@dataclass
+class ClusterGroup:
+    ray_address: str = ""  # empty: local Ray (or RAY_ADDRESS when set by `ray job submit`)
+    storage: str = ""  # shards, checkpoints, exports; empty: <work_dir>/storage
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.9
+    num_cpus: int = 0  # local Ray only; 0: all
+
+
+@dataclass
+class WorkflowConfig:
+    name: str = "atoken-curriculum"
+    work_dir: str = "atoken-work"
+    tracking_uri: str = ""  # empty: sqlite under work_dir
+    registered_model: str = "atoken"
+    data: DataGroup = field(default_factory=DataGroup)
+    model: ModelGroup = field(default_factory=ModelGroup)
+    curriculum: CurriculumGroup = field(default_factory=CurriculumGroup)
+    cluster: ClusterGroup = field(default_factory=ClusterGroup)
+    stop_after: int = 4  # run stages 1..stop_after
+
+    def validate(self) -> "WorkflowConfig":
+        if not self.curriculum.stages:
+            raise ValueError("curriculum.stages is empty (pick a curriculum: curriculum=cpu_smoke or paper)")
+        seen = [s.stage for s in self.curriculum.stages]
+        if seen != sorted(seen) or len(set(seen)) != len(seen):
+            raise ValueError(f"curriculum.stages must be in increasing stage order, got {seen}")
+        if not 1 <= self.stop_after <= 4:
+            raise ValueError(f"stop_after={self.stop_after} must be 1..4")
+        return self
