@@ -3,8 +3,8 @@ tokenizes images.
 
 predict(model_input, params={"mode": ...}):
   model_input  a list of images: uint8 arrays [H, W, 3], encoded image bytes, or a DataFrame with an
-               "image" column of either
-  mode         "encode" (default): per image {"tokens": latents [L, C] or FSQ codes [L, 8], "coords": [L, 5]}
+               "image" column of either; or a dict {"image": [...], "mode": ...}
+  mode         (params or the dict's "mode") "encode" (default): per image {"tokens": latents [L, C] or FSQ codes [L, 8], "coords": [L, 5]}
                "reconstruct": per image {"image": uint8 [H, W, 3]} (encode then decode)
 """
 from __future__ import annotations
@@ -40,6 +40,9 @@ class ATokenPyfunc(mlflow.pyfunc.PythonModel):
         import torch
 
         mode = (params or {}).get("mode", "encode")
+        if isinstance(model_input, dict):
+            mode = model_input.get("mode", mode)
+            model_input = model_input["image"]
         if mode not in ("encode", "reconstruct"):
             raise ValueError(f"mode={mode!r}: choose encode or reconstruct")
         results = []

@@ -263,7 +263,11 @@ def _export(engine, ema, module, cfg: StageConfig, rank: int) -> None:
     from atoken.model import AToken
 
     model = AToken(copy.deepcopy(module.model.config))  # the live module holds ZeRO-3 placeholders
-    own = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    want = model.state_dict()
+    own = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.") and k[len("model."):] in want}
+    missing = sorted(set(want) - set(own))
+    if missing:
+        raise RuntimeError(f"export: gathered state lacks {missing}")
     model.load_state_dict(own, strict=True)
     out = storage.join(cfg.run.storage, cfg.run.name, "export")
     with tempfile.TemporaryDirectory(prefix="atoken-export-") as d:
