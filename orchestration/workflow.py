@@ -59,7 +59,7 @@ def _stage_config(cfg: WorkflowConfig, spec: StageSpec, shards: str, storage_roo
     c = StageConfig(stage=spec.stage, steps=spec.steps)
     c.model.preset, c.model.latent_channels, c.model.fsq = cfg.model.preset, spec.latent_channels, spec.fsq
     c.model.init_from = init_from
-    if not init_from and cfg.model.init_official and spec.stage == cfg.model.official_stage:
+    if not init_from and cfg.model.init_official:
         c.model.init_official, c.model.official_variant = cfg.model.init_official, cfg.model.official_variant
     elif not init_from and cfg.model.siglip2_path:
         c.model.siglip2_path = cfg.model.siglip2_path
@@ -140,6 +140,8 @@ def run_workflow(cfg: WorkflowConfig) -> dict:
     for spec in cfg.curriculum.stages:
         if spec.stage > cfg.stop_after:
             break
+        if spec.stage < cfg.start_stage:
+            continue
         n = spec.stage
         key = _key(dataclasses.asdict(spec), dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.curriculum.gates),
                    cfg.curriculum.token_budget, cfg.curriculum.lr, index_digest, init_version)

@@ -17,9 +17,8 @@ class DataGroup:
 @dataclass
 class ModelGroup:
     preset: str = "tiny"
-    init_official: str = ""  # start stage `official_stage` from an official checkpoint
+    init_official: str = ""  # an official checkpoint the first run stage starts from
     official_variant: str = "soc"
-    official_stage: int = 0
     siglip2_path: str = ""
 
 
@@ -76,7 +75,8 @@ class WorkflowConfig:
     model: ModelGroup = field(default_factory=ModelGroup)
     curriculum: CurriculumGroup = field(default_factory=CurriculumGroup)
     cluster: ClusterGroup = field(default_factory=ClusterGroup)
-    stop_after: int = 4  # run stages 1..stop_after
+    start_stage: int = 1  # first stage to run (e.g. 3 with model.init_official: fine-tune from So/C)
+    stop_after: int = 4  # last stage to run
 
     def validate(self) -> "WorkflowConfig":
         if not self.curriculum.stages:
@@ -84,6 +84,8 @@ class WorkflowConfig:
         seen = [s.stage for s in self.curriculum.stages]
         if seen != sorted(seen) or len(set(seen)) != len(seen):
             raise ValueError(f"curriculum.stages must be in increasing stage order, got {seen}")
-        if not 1 <= self.stop_after <= 4:
-            raise ValueError(f"stop_after={self.stop_after} must be 1..4")
+        if not 1 <= self.start_stage <= self.stop_after <= 4:
+            raise ValueError(f"start_stage={self.start_stage}, stop_after={self.stop_after}: need 1 <= start <= stop <= 4")
+        if self.start_stage > 1 and not self.model.init_official:
+            raise ValueError("start_stage > 1 needs model.init_official (the checkpoint the stage starts from)")
         return self

@@ -56,12 +56,18 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def resize_policy(h: int, w: int, policy: ImagePolicy) -> tuple[int, int]:
+def fit_scale(h: int, w: int, min_side: int, max_side: int) -> float:
+    """Scale that raises the short side to min_side, then caps the long side at max_side (aspect kept)."""
     scale = 1.0
-    if min(h, w) < policy.min_side:
-        scale = policy.min_side / min(h, w)
-    if max(h, w) * scale > policy.max_side:
-        scale = policy.max_side / max(h, w)
+    if min(h, w) < min_side:
+        scale = min_side / min(h, w)
+    if max(h, w) * scale > max_side:
+        scale = max_side / max(h, w)
+    return scale
+
+
+def resize_policy(h: int, w: int, policy: ImagePolicy) -> tuple[int, int]:
+    scale = fit_scale(h, w, policy.min_side, policy.max_side)
     return max(policy.multiple, round(h * scale)), max(policy.multiple, round(w * scale))
 
 

@@ -83,11 +83,9 @@ def probe(path: str) -> VideoMeta:
 
 def target_size(h: int, w: int, policy: VideoPolicy) -> tuple[int, int]:
     """Decode size: long side <= max_side, short side >= min_side, aspect kept, multiples of `multiple`."""
-    scale = 1.0
-    if min(h, w) < policy.min_side:
-        scale = policy.min_side / min(h, w)
-    if max(h, w) * scale > policy.max_side:
-        scale = policy.max_side / max(h, w)
+    from preprocess.images import fit_scale
+
+    scale = fit_scale(h, w, policy.min_side, policy.max_side)
     m = policy.multiple
     return max(m, int(round(h * scale / m)) * m), max(m, int(round(w * scale / m)) * m)
 

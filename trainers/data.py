@@ -20,12 +20,13 @@ from atoken.patchify import voxel_features_from_views
 from preprocess.schema import decode_3d, decode_pixels
 
 
-def task_schedule(ratios: dict[str, float], slots: int = 9) -> list[str]:
-    """A round-robin cycle with each task's share of `slots` (paper Table 2 reads as 9 slots:
-    stage 2 = 2:1:6, stages 3-4 = 2:1:4:1:1). Tasks are interleaved, not run in blocks."""
+def task_schedule(ratios: dict[str, float]) -> list[str]:
+    """A smooth weighted round-robin cycle where the rarest task gets one slot (paper Table 2 reads as
+    stage 2 = 2:1:6 and stages 3-4 = 2:1:4:1:1, plus image understanding in every stage). Tasks are
+    interleaved, not run in blocks."""
     active = {t: r for t, r in ratios.items() if r > 0}
-    total = sum(active.values())
-    counts = {t: max(1, round(slots * r / total)) for t, r in active.items()}
+    low = min(active.values())
+    counts = {t: max(1, round(r / low)) for t, r in active.items()}
     cycle: list[str] = []
     credit = {t: 0.0 for t in counts}
     n = sum(counts.values())
@@ -154,9 +155,13 @@ class TaskPool:
         return time.perf_counter() - t
 
     def best_bin(self, budget: int) -> list[int]:
-        bins = first_fit_decreasing([s.tokens for s in self.samples], budget)
-        best = max(bins, key=lambda b: sum(self.samples[i].tokens for i in b))
-        return sorted(best, key=lambda i: -self.samples[i].tokens)
+        """The fullest bin within the budget (a lone oversized sample only when nothing else fits)."""
+        sizes = [s.tokens for s in self.samples]
+        fitting = [b for b in first_fit_decreasing(sizes, budget) if sum(sizes[i] for i in b) <= budget]
+        if not fitting:
+            return [min(range(len(sizes)), key=lambda i: sizes[i])]
+        best = max(fitting, key=lambda b: sum(sizes[i] for i in b))
+        return sorted(best, key=lambda i: -sizes[i])
 
     def take(self, k: int, budget: int) -> list[Sample]:
         """The k largest samples of the best bin (within budget); refill k in the background."""

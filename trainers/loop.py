@@ -128,7 +128,14 @@ def train_loop_per_worker(config: dict) -> None:
     ema = ShardedEMA(engine.module, cfg.optim.ema_decay)
 
     start_step, positions = 0, {}
+    # a restarted worker group gets Ray's latest checkpoint; a relaunched driver passes the latest
+    # complete one it found in storage (Ray Train V2 has no resume_from_checkpoint)
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config.get("_resume_from"):
+        from preprocess import storage as _storage
+
+        fs, path = _storage.pyarrow_filesystem(config["_resume_from"])
+        ckpt = ray.train.Checkpoint(path=path, filesystem=fs)
     if ckpt:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(d, tag="ds", load_module_strict=True)

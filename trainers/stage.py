@@ -55,7 +55,7 @@ def _build(cls, d: dict):
 
 
 def stage_config_from_dict(d: dict) -> StageConfig:
-    return _build(StageConfig, d).validate()
+    return _build(StageConfig, {k: v for k, v in d.items() if not k.startswith("_")}).validate()
 
 
 def stage_dir(cfg: StageConfig) -> str:
@@ -106,9 +106,10 @@ def run_stage(cfg: StageConfig) -> StageResult:
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
+    loop_config = {**dataclasses.asdict(cfg), "_resume_from": ckpt_uri}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=dataclasses.asdict(cfg),
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources),
@@ -117,7 +118,6 @@ def run_stage(cfg: StageConfig) -> StageResult:
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
         datasets=datasets,
-        resume_from_checkpoint=ray.train.Checkpoint(path=ckpt_uri[len("s3://"):] if ckpt_uri and ckpt_uri.startswith("s3://") else ckpt_uri, filesystem=fs) if ckpt_uri else None,
     )
     if ckpt_uri:
         print(f"[stage {cfg.stage}] resuming {cfg.run.name} from {ckpt_uri} (step {ckpt_step})", flush=True)
