@@ -118,6 +118,8 @@ def register_version(tracker: Tracker, step: Step, model_name: str, export_local
         return str(max(int(v.version) for v in existing))
     from orchestration.pyfunc import ATokenPyfunc
 
+    # the fluent API logs into the active experiment: make it the workflow's, whatever the caller set
+    mlflow.set_experiment(experiment_id=tracker.experiment_id)
     with mlflow.start_run(run_id=step.run_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=ATokenPyfunc(), artifacts={"export": export_local},
                                        pip_requirements=["torch==2.13.0", "safetensors", "pillow", "numpy"],
