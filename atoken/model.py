@@ -1,7 +1,6 @@
 """AToken: one transformer tokenizer for images, videos and 3D assets on packed sparse 4D tokens."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,7 +190,3 @@ class AToken(nn.Module):
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         return {"encoder": count(self.encoder), "proj": count(self.proj), "decoder": count(self.decoder),
                 "total": count(self)}
-
-
-def load_config_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 KIND, WORKFLOW_KEY, STEP, STEP_KEY, PARENT = "atoken.kind", "atoken.workflow_key", "atoken.step", "atoken.step_key", "mlflow.parentRunId"
@@ -81,7 +81,7 @@ class Tracker:
         return Step(name, key, rid, False)
 
     def metrics(self, step: Step, metrics: dict, at: int | None = None) -> None:
-        clean = [mlflow.entities.Metric(k.replace("/", "."), float(v), int(__import__("time").time() * 1000), at or 0)
+        clean = [mlflow.entities.Metric(k.replace("/", "."), float(v), int(time.time() * 1000), at or 0)
                  for k, v in metrics.items() if isinstance(v, (int, float)) and v == v]
         for i in range(0, len(clean), 500):
             self.client.log_batch(step.run_id, metrics=clean[i:i + 500])

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from orchestration.tracking import Tracker, alias_holder, promote, register_version
+from orchestration.tracking import Tracker, promote, register_version
 from orchestration.workflow_config import Gates, StageSpec, WorkflowConfig
 from preprocess import storage
 

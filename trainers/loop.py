@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainers.config import TASK_MODALITY, StageConfig
+from preprocess import storage
+from trainers.config import StageConfig
 from trainers.data import TaskPool, TaskStream, lr_lambda, task_schedule
 
 CHECKPOINT_META = "atoken_checkpoint.json"
@@ -55,8 +56,6 @@ def build_model(cfg: StageConfig):
     from atoken.config import preset
     from atoken.gaussian import GaussianDecoder, GaussianDecoderConfig
     from atoken.model import AToken
-    from preprocess import storage
-
     m = cfg.model
     if m.init_from:
         with storage.local_path(m.init_from + "/model.safetensors") as w, storage.local_path(m.init_from + "/config.json") as c:
@@ -113,8 +112,6 @@ def train_loop_per_worker(config: dict) -> None:
                                      cfg.losses.feature_resolution).to(device)
     module = TrainModule(model, text.dim, feature_net, cfg)
     if cfg.model.init_from:
-        from preprocess import storage
-
         extra = cfg.model.init_from + "/" + EXPORT_EXTRA
         if storage.exists(extra):
             with storage.local_path(extra) as p:
@@ -132,9 +129,7 @@ def train_loop_per_worker(config: dict) -> None:
     # complete one it found in storage (Ray Train V2 has no resume_from_checkpoint)
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and config.get("_resume_from"):
-        from preprocess import storage as _storage
-
-        fs, path = _storage.pyarrow_filesystem(config["_resume_from"])
+        fs, path = storage.pyarrow_filesystem(config["_resume_from"])
         ckpt = ray.train.Checkpoint(path=path, filesystem=fs)
     if ckpt:
         with ckpt.as_directory() as d:
@@ -169,7 +164,7 @@ def train_loop_per_worker(config: dict) -> None:
         return torch.stack([text_cache[c] for c in captions])
 
     window = {"tokens": 0, "samples": 0, "wait": 0.0, "t0": time.perf_counter(), "steps": 0, "losses": {}}
-    history_uri = storage_join(cfg.run.storage, cfg.run.name, "metrics.jsonl")
+    history_uri = storage.join(cfg.run.storage, cfg.run.name, "metrics.jsonl")
     history = _read_history(history_uri, start_step) if rank == 0 else []
     step = start_step
     for step in range(start_step, cfg.steps):
@@ -213,15 +208,7 @@ def train_loop_per_worker(config: dict) -> None:
     _export(engine, ema, module, cfg, rank)
 
 
-def storage_join(*parts: str) -> str:
-    from preprocess import storage
-
-    return storage.join(*parts)
-
-
 def _read_history(uri: str, upto: int) -> list[dict]:
-    from preprocess import storage
-
     if not storage.exists(uri):
         return []
     rows = [json.loads(x) for x in storage.read_bytes(uri).decode().splitlines() if x.strip()]
@@ -229,8 +216,6 @@ def _read_history(uri: str, upto: int) -> list[dict]:
 
 
 def _write_history(uri: str, rows: list[dict]) -> None:
-    from preprocess import storage
-
     storage.commit_bytes(uri, "\n".join(json.dumps(r) for r in rows).encode())
 
 
@@ -252,8 +237,6 @@ def _export(engine, ema, module, cfg: StageConfig, rank: int) -> None:
     the text projection to <storage>/<run>/export."""
     import deepspeed
     from safetensors.torch import save_file
-
-    from preprocess import storage
 
     state: dict[str, torch.Tensor] = {}
     with ema.swapped_in():

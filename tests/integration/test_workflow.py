@@ -3,7 +3,6 @@ stages, registry aliases and the pyfunc flavour, operations CLI, a failing gate,
 workflow during stage 2 followed by a rerun."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

@@ -9,7 +9,7 @@ from atoken.config import ATokenConfig, preset
 from atoken.layers import RotaryEmbedding4D
 from atoken.model import AToken
 from atoken.patchify import (image_to_tokens, pack, tokens_to_video, unpack, video_to_tokens,
-                             voxel_features_from_views, voxels_to_tokens)
+                             voxel_features_from_views)
 from atoken.sparse import SparseBatch, segments
 
 pytestmark = pytest.mark.unit

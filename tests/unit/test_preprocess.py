@@ -11,7 +11,7 @@ from PIL import Image
 from pipelines.config import IngestConfig
 from pipelines.manifest import load_items, modality_from_extension, sniff_modality
 from pipelines.specs import partition
-from preprocess.gaussians import activate_normalised, parse_header, read_3dgs
+from preprocess.gaussians import activate_normalised, read_3dgs
 from preprocess.images import ImagePolicy, decode_image
 from preprocess.sample_corpus import gaussians_from_points, write_3dgs_ply
 from preprocess.schema import SCHEMA, decode_pixels, encode_pixels, to_table
