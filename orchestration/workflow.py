@@ -68,7 +68,8 @@ def _stage_config(cfg: WorkflowConfig, spec: StageSpec, shards: str, storage_roo
     c.optim.lr, c.optim.warmup_steps = cfg.curriculum.lr, cfg.curriculum.warmup_steps
     c.losses.feature_resolution = cfg.curriculum.feature_resolution
     c.scaling.num_workers, c.scaling.use_gpu = cfg.cluster.num_workers, cfg.cluster.use_gpu
-    c.scaling.cpus_per_worker = cfg.cluster.cpus_per_worker
+    c.scaling.cpus_per_worker, c.scaling.gpus_per_worker = cfg.cluster.cpus_per_worker, cfg.cluster.gpus_per_worker
+    c.scaling.custom_resources = dict(cfg.cluster.train_resources)
     c.run.storage, c.run.name = storage.join(storage_root, "runs"), f"stage{spec.stage}-{key[:10]}"
     c.run.checkpoint_every = cfg.curriculum.checkpoint_every
     c.run.report_every = max(1, min(cfg.curriculum.checkpoint_every, spec.steps))
@@ -119,6 +120,8 @@ def run_workflow(cfg: WorkflowConfig) -> dict:
         digits_per_class=cfg.data.digits_per_class, gaussians_per_asset=cfg.data.gaussians_per_asset)))
     shards = storage.join(storage_root, "shards")
     icfg = load("ingest", [f"input={manifest}", f"output={shards}", *cfg.data.ingest_overrides])
+    icfg.resources.task_resources = dict(cfg.cluster.ingest_resources)
+    icfg.validate()
     manifest_digest = hashlib.sha1(storage.read_bytes(manifest)).hexdigest() if manifest.endswith((".jsonl", ".csv", ".parquet")) else manifest
     step = tracker.start_step("ingest", _key(dataclasses.asdict(icfg), manifest_digest), dataclasses.asdict(icfg), tags)
     if step.skipped:

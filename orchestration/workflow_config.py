@@ -62,7 +62,12 @@ class ClusterGroup:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.9
+    gpus_per_worker: float = 1.0
     num_cpus: int = 0  # local Ray only; 0: all
+    # Custom Ray resources that steer work onto node types (names must match infra/ray/cluster-aws.yaml
+    # and infra/k8s/raycluster.yaml): CPU ingest tasks and training workers.
+    ingest_resources: dict[str, float] = field(default_factory=dict)
+    train_resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

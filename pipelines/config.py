@@ -43,6 +43,24 @@ class Resources:
     render_actors: int = 0  # max GPU render actors; 0 = one per GPU in the cluster
     probe_cpus: float = 0.5
     max_bytes_per_file: int = 4 * 2 ** 30  # refuse larger inputs
+    # Custom Ray resources every CPU task (probe, decode, CPU render) also asks for. On a cluster,
+    # e.g. {ingest_node: 0.001}, so the autoscaler places decoding on the cheap CPU node type that
+    # advertises `ingest_node` (infra/ray/cluster-aws.yaml) and never starts a GPU node for it.
+    task_resources: dict[str, float] = field(default_factory=dict)
+
+    def cpu_task_args(self, num_cpus: float) -> dict:
+        """Ray remote args of one CPU task of the ingest job."""
+        return {"num_cpus": num_cpus, **({"resources": dict(self.task_resources)} if self.task_resources else {})}
+
+    def validate(self) -> "Resources":
+        for key in ("decode_cpus", "render_cpus", "render_gpus", "probe_cpus"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"resources.{key}={getattr(self, key)} must be >= 0")
+        bad = {k: v for k, v in self.task_resources.items() if k in ("CPU", "GPU", "memory") or v <= 0}
+        if bad:
+            raise ValueError(f"resources.task_resources={bad}: custom resource names with amounts > 0 only "
+                             "(CPU and GPU have their own keys)")
+        return self
 
 
 @dataclass
@@ -66,6 +84,7 @@ class IngestConfig:
         self.threed.validate()
         self.threed.gaussian_policy()
         self.shard.validate()
+        self.resources.validate()
         if self.shard.encoding == "jpeg":
             raise ValueError("shard.encoding=jpeg cannot hold 3D RGBA views; use raw or png")
         return self

@@ -46,7 +46,7 @@ def run_ingest(cfg: IngestConfig) -> dict:
         ds = ray.data.from_items([dataclasses.asdict(it) for it in items],
                                  override_num_blocks=max(1, min(len(items), 200)))
         records = ds.flat_map(lambda it: [{"r": json.dumps(r)} for r in expand_item(it, cfg)],
-                              num_cpus=cfg.resources.probe_cpus).take_all()
+                              **cfg.resources.cpu_task_args(cfg.resources.probe_cpus)).take_all()
         records = [json.loads(r["r"]) for r in records]
     specs = [r for r in records if r["kind"] == "spec"]
     probe_rejects = sorted((r for r in records if r["kind"] == "reject"), key=lambda r: r["item_id"])
@@ -65,7 +65,7 @@ def run_ingest(cfg: IngestConfig) -> dict:
     as_rows = lambda ps: [{"name": p.name, "modality": p.modality, "specs": json.dumps(p.specs)} for p in ps]  # noqa: E731
     run = lambda r: process_partition({"name": r["name"], "modality": r["modality"], "specs": json.loads(r["specs"])}, cfg)  # noqa: E731
     if cpu:
-        datasets.append(ray.data.from_items(as_rows(cpu), override_num_blocks=len(cpu)).map(run, num_cpus=cfg.resources.decode_cpus))
+        datasets.append(ray.data.from_items(as_rows(cpu), override_num_blocks=len(cpu)).map(run, **cfg.resources.cpu_task_args(cfg.resources.decode_cpus)))
     if three:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         ds3 = ray.data.from_items(as_rows(three), override_num_blocks=len(three))
@@ -74,7 +74,7 @@ def run_ingest(cfg: IngestConfig) -> dict:
             datasets.append(ds3.map_batches(RenderActor, fn_constructor_args=(cfg,), batch_size=1,
                                             num_gpus=cfg.resources.render_gpus, concurrency=(1, n)))
         else:
-            datasets.append(ds3.map(run, num_cpus=cfg.resources.render_cpus))
+            datasets.append(ds3.map(run, **cfg.resources.cpu_task_args(cfg.resources.render_cpus)))
     if datasets:
         ds = datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
         for r in ds.iter_rows():

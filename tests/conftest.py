@@ -75,9 +75,11 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` (sqlite backend, loopback, job execution off)."""
-    svc = start_mlflow(tmp_path_factory.mktemp("mlflow"))
+def mlflow_server(tmp_path_factory, s3_server):
+    """A real `mlflow server` started by the deployment's script (infra/mlflow/serve.sh): sqlite backend,
+    artifacts proxied to the S3 fixture, loopback, job execution off."""
+    svc = start_mlflow(tmp_path_factory.mktemp("mlflow"), artifacts=f"s3://{s3_server['bucket']}/mlflow",
+                       env=s3_server["env"])
     try:
         yield svc.url
     finally:

@@ -81,14 +81,16 @@ def start_moto(workdir: Path, timeout: float = 60) -> Service:
                   f"{url}/moto-api/", url, workdir, None, timeout)
 
 
-def start_mlflow(workdir: Path, timeout: float = 120) -> Service:
+def start_mlflow(workdir: Path, artifacts: str | None = None, env: dict | None = None, timeout: float = 120) -> Service:
+    """The deployment's own server command (infra/mlflow/serve.sh) with a sqlite backend on loopback;
+    artifacts go to `artifacts` (e.g. an s3:// URI on the moto fixture) or a local folder."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    db = workdir / "mlflow.db"
     art = workdir / "mlflow-artifacts"
     art.mkdir(exist_ok=True)
-    cmd = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
-           "--artifacts-destination", art.as_uri(), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    return _start("mlflow", cmd, f"{url}/health", url, workdir, env, timeout)
+    script = Path(__file__).resolve().parents[1] / "infra" / "mlflow" / "serve.sh"
+    env = {**(env or {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+           "MLFLOW_ARTIFACTS_DESTINATION": artifacts or art.as_uri(),
+           "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1"}
+    return _start("mlflow", ["bash", str(script)], f"{url}/health", url, workdir, env, timeout)

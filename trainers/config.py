@@ -65,6 +65,16 @@ class ScalingSection:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # Custom Ray resources each training worker also asks for, e.g. {train_node: 0.001} to pin workers
+    # to the GPU node type that advertises it (infra/ray/cluster-aws.yaml).
+    custom_resources: dict[str, float] = field(default_factory=dict)
+
+    def worker_resources(self) -> dict[str, float]:
+        """Ray resources of one training worker, as the TorchTrainer requests them."""
+        res = {"CPU": self.cpus_per_worker, **self.custom_resources}
+        if self.use_gpu:
+            res["GPU"] = self.gpus_per_worker
+        return res
 
 
 @dataclass
@@ -109,6 +119,8 @@ class StageConfig:
             bad("model.latent_channels", "FSQ needs 48 latent channels (8 codebooks x 6 dims)")
         if self.scaling.num_workers < 1:
             bad("scaling.num_workers", "must be >= 1")
+        if any(k in ("CPU", "GPU") or v <= 0 for k, v in self.scaling.custom_resources.items()):
+            bad("scaling.custom_resources", "custom resource names with amounts > 0 only (CPU/GPU have their own keys)")
         if self.scaling.precision not in ("auto", "fp32", "bf16"):
             bad("scaling.precision", "choose auto, fp32 or bf16")
         if not 0 <= self.optim.ema_decay < 1:

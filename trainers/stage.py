@@ -103,9 +103,7 @@ def run_stage(cfg: StageConfig) -> StageResult:
         datasets[task] = ds
     ckpt_uri, ckpt_step = latest_checkpoint(cfg)
     fs, path = storage.pyarrow_filesystem(cfg.run.storage)
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = cfg.scaling.gpus_per_worker
+    resources = cfg.scaling.worker_resources()
     loop_config = {**dataclasses.asdict(cfg), "_resume_from": ckpt_uri}
     trainer = TorchTrainer(
         train_loop_per_worker,

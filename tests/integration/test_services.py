@@ -46,6 +46,25 @@ def test_mlflow_run_logged_by_client_is_read_back_over_http(mlflow_server):
     assert run.info.experiment_id == exp.experiment_id
 
 
+def test_mlflow_artifacts_are_proxied_to_s3(mlflow_server, s3_server, tmp_path):
+    """As deployed (infra/mlflow/serve.sh): the client uploads over HTTP, the object lands in S3."""
+    import boto3
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_experiment("fixture-artifacts")
+    (tmp_path / "eval.json").write_text('{"psnr": 31.5}')
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(tmp_path / "eval.json"), "eval")
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server["endpoint"]).list_objects_v2(
+        Bucket=s3_server["bucket"], Prefix="mlflow/").get("Contents", [])]
+    mine = [k for k in keys if run.info.run_id in k]
+    assert len(mine) == 1 and mine[0].endswith("/eval/eval.json")
+    body = boto3.client("s3", endpoint_url=s3_server["endpoint"]).get_object(Bucket=s3_server["bucket"], Key=mine[0])
+    assert json.loads(body["Body"].read()) == {"psnr": 31.5}
+
+
 def test_ray_task_runs_on_fixture_cluster(ray_cluster):
     import os
 
