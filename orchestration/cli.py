@@ -51,11 +51,9 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _client(cfg):
-    from pathlib import Path
-
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(cfg.tracking_uri or f"sqlite:///{Path(cfg.work_dir).resolve() / 'mlflow.db'}")
+    return MlflowClient(cfg.resolved_tracking_uri())
 
 
 def _promote(args: argparse.Namespace) -> int:

@@ -101,7 +101,7 @@ def run_workflow(cfg: WorkflowConfig) -> dict:
     work = Path(cfg.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     storage_root = cfg.cluster.storage or str(work / "storage")
-    tracking = cfg.tracking_uri or f"sqlite:///{work / 'mlflow.db'}"
+    tracking = cfg.resolved_tracking_uri()
     ensure_ray(cfg.cluster.ray_address or None, cfg.cluster.num_cpus or None)
     import ray
 
@@ -111,7 +111,7 @@ def run_workflow(cfg: WorkflowConfig) -> dict:
     tags = {"atoken.code_version": code_version(), "atoken.ray_job_id": str(ray_job)}
     wf_key = _key(cfg.name, dataclasses.asdict(cfg.data), dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.curriculum),
                   storage_root, cfg.registered_model)
-    tracker = Tracker(tracking, cfg.name, wf_key, artifact_location=None if cfg.tracking_uri else (work / "mlartifacts").as_uri())
+    tracker = Tracker(tracking, cfg.name, wf_key, artifact_location=(work / "mlartifacts").as_uri() if tracking.startswith("sqlite:") else None)
     client, model_name = tracker.client, cfg.registered_model
     _log(f"workflow {cfg.name} (key {wf_key}); MLflow {tracking}; storage {storage_root}")
 
@@ -222,8 +222,7 @@ def status(cfg: WorkflowConfig) -> str:
     """The workflow's steps with state, key metrics, versions and aliases."""
     from mlflow.tracking import MlflowClient
 
-    work = Path(cfg.work_dir).resolve()
-    tracking = cfg.tracking_uri or f"sqlite:///{work / 'mlflow.db'}"
+    tracking = cfg.resolved_tracking_uri()
     client = MlflowClient(tracking)
     exp = client.get_experiment_by_name(cfg.name)
     if exp is None:

@@ -1,6 +1,7 @@
 """Typed config of the curriculum workflow (`atoken run`); Hydra groups in conf/{data,model,curriculum,cluster}."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 
@@ -74,7 +75,7 @@ class ClusterGroup:
 class WorkflowConfig:
     name: str = "atoken-curriculum"
     work_dir: str = "atoken-work"
-    tracking_uri: str = ""  # empty: sqlite under work_dir
+    tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite under work_dir
     registered_model: str = "atoken"
     data: DataGroup = field(default_factory=DataGroup)
     model: ModelGroup = field(default_factory=ModelGroup)
@@ -82,6 +83,14 @@ class WorkflowConfig:
     cluster: ClusterGroup = field(default_factory=ClusterGroup)
     start_stage: int = 1  # first stage to run (e.g. 3 with model.init_official: fine-tune from So/C)
     stop_after: int = 4  # last stage to run
+
+    def resolved_tracking_uri(self) -> str:
+        """The MLflow tracking URI: the setting, else MLflow's standard environment variable (set on the
+        cluster's head, infra/k8s/raycluster.yaml), else a sqlite file under work_dir."""
+        from pathlib import Path
+
+        return (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                or f"sqlite:///{Path(self.work_dir).resolve() / 'mlflow.db'}")
 
     def validate(self) -> "WorkflowConfig":
         if not self.curriculum.stages:
