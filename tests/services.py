@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -94,3 +95,74 @@ def start_mlflow(workdir: Path, artifacts: str | None = None, env: dict | None =
            "MLFLOW_ARTIFACTS_DESTINATION": artifacts or art.as_uri(),
            "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1"}
     return _start("mlflow", ["bash", str(script)], f"{url}/health", url, workdir, env, timeout)
+
+
+@dataclass
+class RayHead:
+    """A Ray head started with `ray start --head` on loopback in its own temp dir, as an ops engineer
+    starts one: its processes are found by that dir and port (Ray daemonizes them), so stop() ends this
+    cluster only, never the session's other Ray instances."""
+    address: str
+    dashboard_url: str
+    temp_dir: Path
+    port: int
+    log: Path
+
+    def processes(self):
+        import psutil
+
+        roots = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if str(self.temp_dir) in cmd or f":{self.port}" in cmd:
+                roots.append(p)
+        found = {p.pid: p for p in roots}
+        for p in roots:
+            try:
+                found.update({c.pid: c for c in p.children(recursive=True)})
+            except psutil.NoSuchProcess:
+                pass
+        found.pop(os.getpid(), None)
+        return list(found.values())
+
+    def stop(self) -> None:
+        import psutil
+
+        procs = self.processes()
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+
+
+def start_ray_head(workdir: Path, num_cpus: int = 0, autoscaling_config: Path | None = None,
+                   env: dict | None = None, port: int | None = None, timeout: float = 90) -> RayHead:
+    """`ray start --head` with every port chosen free (GCS, dashboard, client server, agent), so it can
+    run beside the session's cluster. With `autoscaling_config`, Ray's fake multi-node provider adds and
+    removes nodes as a cloud provider would."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths have a limit
+    port, dash = port or free_port(), free_port()
+    cmd = [_bin("ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+           f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
+    full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+    if autoscaling_config is not None:
+        cmd.append(f"--autoscaling-config={autoscaling_config}")
+        full_env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
+    log = workdir / "ray-head.log"
+    head = RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp_dir, port, log)
+    with open(log, "wb") as fh:
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env, timeout=timeout).returncode
+    if rc != 0:
+        head.stop()
+        raise RuntimeError(f"ray start --head exited with {rc}; log {log}:\n{log.read_text()[-3000:]}")
+    return head

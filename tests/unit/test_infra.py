@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.cluster_requests import cloud_demands, fits
+
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,30 +30,6 @@ def _yaml(path: Path):
 
 def _docs(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
-
-
-# ------------------------------------------------------------------ the pipeline's resource requests
-
-def cloud_demands() -> dict[str, dict[str, float]]:
-    """What the workflow asks Ray for with `cluster=cloud`, computed by the code that asks."""
-    from orchestration.hydra_config import load
-    from orchestration.workflow import _stage_config
-
-    cfg = load("run", ["cluster=cloud", "model=base", "curriculum=paper"])
-    icfg = load("ingest", ["input=s3://b/m.jsonl", "output=s3://b/shards", *cfg.data.ingest_overrides])
-    icfg.resources.task_resources = dict(cfg.cluster.ingest_resources)
-    decode = icfg.resources.cpu_task_args(icfg.resources.decode_cpus)
-    stage = _stage_config(cfg, cfg.curriculum.stages[0], "s3://b/shards", cfg.cluster.storage, "", "0" * 16)
-    return {
-        "decode": {"CPU": decode["num_cpus"], **decode.get("resources", {})},
-        "render_actor": {"GPU": icfg.resources.render_gpus},
-        "train_worker": stage.scaling.worker_resources(),
-        "_num_train_workers": {"n": stage.scaling.num_workers},
-    }
-
-
-def fits(demand: dict[str, float], node: dict[str, float]) -> bool:
-    return all(node.get(k, 0) >= v for k, v in demand.items() if v > 0)
 
 
 def launcher_node_types(path: Path) -> dict[str, dict]:
