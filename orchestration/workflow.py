@@ -127,6 +127,7 @@ def run_workflow(cfg: WorkflowConfig) -> dict:
     if step.skipped:
         _log(f"ingest: finished earlier (run {step.run_id}); skipped")
     else:
+        _log(f"ingest: {manifest} -> {shards}")
         summary = run_ingest(icfg)
         tracker.metrics(step, {"samples_written": summary["samples_written"], "rejected": summary["rejected"],
                                "frames_per_s": summary["frames_per_s"] or 0, "wall_s": summary["wall_s"]})
@@ -178,6 +179,8 @@ def run_workflow(cfg: WorkflowConfig) -> dict:
             if not gate_fails:
                 promote(client, model_name, version, f"stage{n}")
                 promote(client, model_name, version, "champion")
+            _log(f"stage {n}: registered {model_name} version {version} (image PSNR {metrics.get('image_psnr', float('nan')):.2f} dB, "
+                 f"PCA floor {metrics.get('pca_floor_psnr', float('nan')):.2f}); gates {'pass' if not gate_fails else 'FAIL'}")
             tracker.outputs(step, {"version": version, "export": res.export, "checkpoint": res.checkpoint,
                                    "metrics": json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}),
                                    "gate_failures": json.dumps(gate_fails), "eval_dir": eval_dir,
