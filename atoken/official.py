@@ -54,10 +54,12 @@ def config_from_official_arch(arch: dict[str, Any]) -> ATokenConfig:
     return ATokenConfig(preset="official", **kw).validate()
 
 
-def variant_config(variant: str) -> ATokenConfig:
+def variant_config(variant: str, base: str = "so400m") -> ATokenConfig:
+    """The config of an official variant. The release's checkpoints are So400m (`base`); the same naming
+    holds for every preset, so a smaller preset's checkpoint in the official format loads the same way."""
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: choose one of {sorted(VARIANTS)}")
-    return preset("so400m", **VARIANTS[variant])
+    return preset(base, **VARIANTS[variant])
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -158,7 +158,9 @@ def run_workflow(cfg: WorkflowConfig) -> dict:
             version, metrics = out["version"], json.loads(out["metrics"])
             gate_fails = json.loads(out.get("gate_failures", "[]"))
         else:
-            _log(f"stage {n}: training {spec.steps} steps from {init_export or 'fresh init'} ({scfg.run.name})")
+            start = (init_export or (f"official checkpoint {scfg.model.init_official} ({scfg.model.official_variant})"
+                                     if scfg.model.init_official else "fresh init"))
+            _log(f"stage {n}: training {spec.steps} steps from {start} ({scfg.run.name})")
             res = run_stage(scfg)
             hist_uri = storage.join(scfg.run.storage, scfg.run.name, "metrics.jsonl")
             if storage.exists(hist_uri):

@@ -18,8 +18,8 @@ class DataGroup:
 @dataclass
 class ModelGroup:
     preset: str = "tiny"
-    init_official: str = ""  # an official checkpoint the first run stage starts from
-    official_variant: str = "soc"
+    init_official: str = ""  # an official checkpoint (.pt / .safetensors, local or s3://) the first run stage starts from
+    official_variant: str = "soc"  # soc (So/C, latent 48) | sod (So/D, FSQ) | soc-s1 (stage 1, latent 32); size = preset
     siglip2_path: str = ""
 
 
@@ -100,6 +100,9 @@ class WorkflowConfig:
             raise ValueError(f"curriculum.stages must be in increasing stage order, got {seen}")
         if not 1 <= self.start_stage <= self.stop_after <= 4:
             raise ValueError(f"start_stage={self.start_stage}, stop_after={self.stop_after}: need 1 <= start <= stop <= 4")
+        if self.model.init_official and self.model.official_variant not in ("soc", "sod", "soc-s1"):
+            raise ValueError(f"model.official_variant={self.model.official_variant!r}: choose soc, sod or soc-s1 "
+                             "(the 3D Gaussian decoder is attached to a converted model, docs/model.md)")
         if self.start_stage > 1 and not self.model.init_official:
             raise ValueError("start_stage > 1 needs model.init_official (the checkpoint the stage starts from)")
         return self

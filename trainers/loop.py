@@ -64,7 +64,10 @@ def build_model(cfg: StageConfig):
             os.symlink(c, d / "config.json")
             model = AToken.from_pretrained(d)
     elif m.init_official:
-        model = AToken.from_official(m.init_official, m.official_variant)
+        from atoken.official import variant_config
+
+        with storage.local_path(m.init_official) as f:
+            model = AToken.from_official(f, m.official_variant, variant_config(m.official_variant, base=m.preset))
     elif m.siglip2_path:
         model = AToken.from_siglip2(m.siglip2_path, preset(m.preset, latent_channels=m.latent_channels))
     else:

@@ -1,5 +1,7 @@
 """`ray job submit --working-dir . -- atoken run ...` against a head started with `ray start --head` on
-loopback, as the runbook (docs/operations.md) tells ops engineers to do it, with the project's runtime env."""
+loopback, as the runbook (docs/operations.md) tells ops engineers to do it, with the project's runtime env.
+The job is the documented fine-tuning case: stage 3 on one's own data, starting from a checkpoint in the
+official format (here a tiny-preset So/C-style file written by the project's exporter)."""
 from __future__ import annotations
 
 import os
@@ -15,10 +17,29 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_ray_job_submit_runs_the_workflow_and_its_logs_show_the_steps(tmp_path, small_corpus, mlflow_server):
+def _official_checkpoint(path: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    from atoken.config import preset
+    from atoken.model import AToken
+    from atoken.official import to_official_state_dict
+
+    torch.manual_seed(7)
+    save_file({k: v.contiguous() for k, v in to_official_state_dict(AToken(preset("tiny", latent_channels=48))).items()}, str(path))
+    return path
+
+
+def test_ray_job_submit_fine_tunes_stage3_from_an_official_checkpoint(tmp_path, small_corpus, mlflow_server):
+    import torch
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    from atoken.config import preset
+    from atoken.model import AToken
+    from atoken.official import variant_config
+
+    official = _official_checkpoint(tmp_path / "atoken-soc-tiny.safetensors")
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     head = start_ray_head(tmp_path, num_cpus=2, env={"PATH": env["PATH"]})
@@ -27,7 +48,8 @@ def test_ray_job_submit_runs_the_workflow_and_its_logs_show_the_steps(tmp_path, 
         cmd = [str(Path(bin_dir, "ray")), "job", "submit", "--address", head.dashboard_url, "--working-dir", ".",
                "--runtime-env", "infra/ray/runtime_env.yaml", "--",
                "atoken", "run", f"work_dir={work}", f"tracking_uri={mlflow_server}", "registered_model=atoken-job",
-               f"data.input={small_corpus}", "stop_after=1", "curriculum.stages.0.steps=2",
+               f"data.input={small_corpus}", "model=tiny", f"model.init_official={official}",
+               "model.official_variant=soc", "start_stage=3", "stop_after=3", "curriculum.stages.2.steps=2",
                "curriculum.eval_items=4", "curriculum.gates.min_image_psnr=1.0"]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         out = proc.stdout + proc.stderr
@@ -38,13 +60,24 @@ def test_ray_job_submit_runs_the_workflow_and_its_logs_show_the_steps(tmp_path, 
     assert len(jobs) == 1 and jobs[0].status == JobStatus.SUCCEEDED, jobs
     # The job's logs (tailed by `ray job submit`) show each step as it ran, and the summary table.
     for line in ("[workflow] workflow atoken-curriculum", "[workflow] ingest: ", "[ingest] committed ",
-                 "[workflow] stage 1: training 2 steps", "[workflow] stage 1: registered atoken-job version 1",
-                 "gates pass", "stage1-candidate"):
+                 f"[workflow] stage 3: training 2 steps from official checkpoint {official} (soc)",
+                 "[workflow] stage 3: registered atoken-job version 1", "gates pass", "stage3-candidate"):
         assert line in out, f"{line!r} not in the job's logs:\n{out[-4000:]}"
+    assert "stage 1:" not in out and "stage 2:" not in out
     assert "Uploading package gcs://" in out  # the working dir went to the cluster, without .venv/.git
+
     client = MlflowClient(mlflow_server)
     (version,) = client.search_model_versions("name = 'atoken-job'")
-    assert version.tags["stage"] == "1"
-    assert client.get_registered_model("atoken-job").aliases.get("stage1") == version.version
-    run = client.get_run(version.run_id)
-    assert run.data.tags["atoken.ray_job_id"] == jobs[0].job_id
+    assert version.tags["stage"] == "3"
+    assert client.get_registered_model("atoken-job").aliases.get("champion") == version.version
+    assert client.get_run(version.run_id).data.tags["atoken.ray_job_id"] == jobs[0].job_id
+
+    # The stage started from the official weights: two small steps away from them, far from a fresh init.
+    trained = AToken.from_pretrained(version.tags["export"]).state_dict()
+    start = AToken.from_official(official, "soc", variant_config("soc", base="tiny")).state_dict()
+    torch.manual_seed(8)
+    fresh = AToken(preset("tiny", latent_channels=48)).state_dict()
+    names = [k for k in start if k.startswith("encoder.") and k.endswith(".weight") and start[k].dim() == 2]
+    moved = sum((trained[k] - start[k]).abs().mean() for k in names) / len(names)
+    apart = sum((fresh[k] - start[k]).abs().mean() for k in names) / len(names)
+    assert moved < 0.2 * apart, (float(moved), float(apart))
