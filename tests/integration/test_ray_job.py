@@ -47,7 +47,7 @@ def test_ray_job_submit_fine_tunes_stage3_from_an_official_checkpoint(tmp_path, 
     try:
         cmd = [str(Path(bin_dir, "ray")), "job", "submit", "--address", head.dashboard_url, "--working-dir", ".",
                "--runtime-env", "infra/ray/runtime_env.yaml", "--",
-               "atoken", "run", f"work_dir={work}", f"tracking_uri={mlflow_server}", "registered_model=atoken-job",
+               "atoken", "run", "name=atoken-job", f"work_dir={work}", f"tracking_uri={mlflow_server}", "registered_model=atoken-job",
                f"data.input={small_corpus}", "model=tiny", f"model.init_official={official}",
                "model.official_variant=soc", "start_stage=3", "stop_after=3", "curriculum.stages.2.steps=2",
                "curriculum.eval_items=4", "curriculum.gates.min_image_psnr=1.0"]
@@ -59,7 +59,7 @@ def test_ray_job_submit_fine_tunes_stage3_from_an_official_checkpoint(tmp_path, 
     assert proc.returncode == 0, out[-6000:]
     assert len(jobs) == 1 and jobs[0].status == JobStatus.SUCCEEDED, jobs
     # The job's logs (tailed by `ray job submit`) show each step as it ran, and the summary table.
-    for line in ("[workflow] workflow atoken-curriculum", "[workflow] ingest: ", "[ingest] committed ",
+    for line in ("[workflow] workflow atoken-job", "[workflow] ingest: ", "[ingest] committed ",
                  f"[workflow] stage 3: training 2 steps from official checkpoint {official} (soc)",
                  "[workflow] stage 3: registered atoken-job version 1", "gates pass", "stage3-candidate"):
         assert line in out, f"{line!r} not in the job's logs:\n{out[-4000:]}"
