@@ -1,7 +1,7 @@
 """Training throughput: Ray Train + DeepSpeed ZeRO-3 with 2 CPU workers vs a plain single-process
 PyTorch loop (2 threads) of the same model, losses and global batch, in the same run.
 
-    python benchmarks/train.py [--steps 20]
+    python benchmarks/train.py [--steps 20] [--preset tiny|base] [--budget 512]
 
 Prints tokens/s of both (the distributed figure excludes the first report window: start-up and warm-up),
 their ratio (target >= 0.7) and the distributed run's data-wait fraction (target <= 5%).
@@ -23,6 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--budget", type=int, default=512, help="tokens per worker per step")
+    ap.add_argument("--preset", default="tiny", help="model preset (tiny: 1.2M parameters, base: 190M)")
     args = ap.parse_args()
     import ray
 
@@ -40,6 +41,7 @@ def main() -> None:
     run_ingest(load("ingest", [f"input={manifest}", f"output={d / 'shards'}", *OVERRIDES]))
 
     cfg = StageConfig(steps=args.steps)
+    cfg.model.preset = args.preset
     cfg.data.shards, cfg.data.ratios = str(d / "shards"), {"image_rec": 1.0}
     cfg.data.token_budget = cfg.data.max_tokens_per_sample = args.budget
     cfg.losses.feature_network = "none"  # compare the model + optimizer step, not the frozen feature net
@@ -62,7 +64,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model = AToken(preset("tiny", latent_channels=32))
+    model = AToken(preset(args.preset, latent_channels=32))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     samples = [row_to_sample(r, args.budget) for r in iter_rows(str(d / "shards"), modality="image", split="train")]
     bins = first_fit_decreasing([s.tokens for s in samples], 2 * args.budget)
@@ -80,7 +82,7 @@ def main() -> None:
         opt.step()
         tokens += len(b.feats)
     base_tps = tokens / (time.perf_counter() - t0)
-    print(json.dumps({"steps": args.steps, "budget_per_worker": args.budget,
+    print(json.dumps({"preset": args.preset, "steps": args.steps, "budget_per_worker": args.budget,
                       "ray_deepspeed_zero3_2_workers_tokens_per_s": round(dist_tps, 1),
                       "single_process_2_threads_tokens_per_s": round(base_tps, 1),
                       "ratio": round(dist_tps / base_tps, 3), "data_wait_fraction": round(wait, 4)}, indent=1))
