@@ -97,8 +97,24 @@ def check_schema(schema: pa.Schema, where: str) -> None:
         raise ValueError(f"{where}: shard schema version {version}, this code reads {SCHEMA_VERSION}")
 
 
+def _binary_lists(values: list[list[bytes]]) -> pa.Array:
+    """list<large_binary> from payloads with one contiguous copy. `from_pylist` converts element by
+    element and was 0.45 s of a 1.9 s video partition (1,920 frames at 128 px); this is a single join."""
+    flat = [b for v in values for b in v]
+    offsets = np.zeros(len(flat) + 1, np.int64)
+    np.cumsum([len(b) for b in flat], out=offsets[1:])
+    inner = pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(flat),
+                                             [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(flat))])
+    list_offsets = np.zeros(len(values) + 1, np.int32)
+    np.cumsum([len(v) for v in values], out=list_offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(list_offsets), inner)
+
+
 def to_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=SCHEMA)
+    i = SCHEMA.get_field_index("pixels")
+    rest = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "pixels"} for r in rows], schema=SCHEMA.remove(i))
+    columns = rest.columns[:i] + [_binary_lists([r["pixels"] for r in rows])] + rest.columns[i:]
+    return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 
 QUARANTINE_SCHEMA = pa.schema([
