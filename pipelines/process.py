@@ -11,13 +11,13 @@ import time
 import numpy as np
 
 from pipelines.config import IngestConfig
-from pipelines.shards import shard_uri, write_ipc, write_quarantine
+from pipelines.shards import ShardWriter, shard_uri, write_quarantine
 from pipelines.specs import reject
 from preprocess import storage
 from preprocess.gaussians import activate_normalised, read_3dgs
 from preprocess.images import decode_image
 from preprocess.multiview import render_multiview
-from preprocess.schema import encode_pixels, to_table
+from preprocess.schema import encode_pixels
 from preprocess.video import ClipReader
 
 
@@ -81,34 +81,45 @@ def sample_row(spec: dict, cfg: IngestConfig, videos: _OpenVideos | None = None)
     raise ValueError(f"unknown modality {spec['modality']!r}")
 
 
-def process_partition(part: dict, cfg: IngestConfig) -> dict:
-    """Runs in a Ray task / actor. Returns a small summary; pixels never go through the object store."""
+def process_partition(part: dict, cfg: IngestConfig, chunk_rows: int = 16) -> dict:
+    """Runs in a Ray task / actor. Returns a small summary; pixels never go through the object store.
+    Rows stream to the shard writer in chunks, so a partition's memory is a few chunks, not the shard."""
     t0 = time.time()
-    rows, rejects, frames = [], [], 0
+    rows, rejects, frames, sample_ids, splits = [], [], 0, [], {}
     stage = {"image": "decode", "video": "decode", "3d": "render"}[part["modality"]]
-    videos = _OpenVideos()
-    for spec in sorted(part["specs"], key=lambda s: (s["item_id"], s.get("clip_index", 0))):
-        try:
-            row, n = sample_row(spec, cfg, videos)
+    videos, writer = _OpenVideos(), ShardWriter(cfg.shard.compression)
+    try:
+        for spec in sorted(part["specs"], key=lambda s: (s["item_id"], s.get("clip_index", 0))):
+            try:
+                row, n = sample_row(spec, cfg, videos)
+            except Exception as e:  # one bad sample never stops the partition
+                rejects.append(reject({"uri": spec["uri"], "id": spec["item_id"], "modality": spec["modality"]},
+                                      stage, e, spec["modality"]))
+                continue
             rows.append(row)
             frames += n
-        except Exception as e:  # one bad sample never stops the partition
-            rejects.append(reject({"uri": spec["uri"], "id": spec["item_id"], "modality": spec["modality"]},
-                                  stage, e, spec["modality"]))
-    videos.close()
-    out = cfg.output
-    name = part["name"]
-    table = to_table(rows)
-    splits: dict[str, int] = {}
-    for r in rows:
-        splits[r["split"]] = splits.get(r["split"], 0) + 1
-    nbytes = int(table.nbytes)
-    side = {"name": name, "modality": part["modality"], "rows": len(rows), "bytes": nbytes, "splits": splits,
-            "sample_ids": [r["sample_id"] for r in rows], "rejected": len(rejects)}
-    storage.commit_bytes(storage.join(out, "shards", f"{name}.json"), json.dumps(side).encode())
-    write_quarantine(rejects, storage.join(out, "quarantine", f"{name}.parquet"))
-    written = write_ipc(table, shard_uri(out, name), cfg.shard.compression)
-    return {"name": name, "modality": part["modality"], "rows": len(rows), "rejected": len(rejects), "frames": frames,
+            sample_ids.append(row["sample_id"])
+            splits[row["split"]] = splits.get(row["split"], 0) + 1
+            if len(rows) >= chunk_rows:
+                writer.add(rows)
+                rows = []
+        writer.add(rows)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        videos.close()
+    out, name = cfg.output, part["name"]
+    side = {"name": name, "modality": part["modality"], "rows": writer.rows, "bytes": writer.nbytes, "splits": splits,
+            "sample_ids": sample_ids, "rejected": len(rejects)}
+    try:
+        storage.commit_bytes(storage.join(out, "shards", f"{name}.json"), json.dumps(side).encode())
+        write_quarantine(rejects, storage.join(out, "quarantine", f"{name}.parquet"))
+    except BaseException:
+        writer.abort()
+        raise
+    written = writer.commit(shard_uri(out, name))
+    return {"name": name, "modality": part["modality"], "rows": len(sample_ids), "rejected": len(rejects), "frames": frames,
             "bytes": written, "seconds": time.time() - t0, "rejects": json.dumps(rejects)}
 
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import shutil
 import subprocess
 import tempfile
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from preprocess import storage
-from preprocess.schema import QUARANTINE_SCHEMA, SCHEMA, SCHEMA_VERSION, check_schema
+from preprocess.schema import QUARANTINE_SCHEMA, SCHEMA, SCHEMA_VERSION, check_schema, to_table
 
 
 @lru_cache(maxsize=1)
@@ -47,16 +50,62 @@ def shard_uri(output: str, name: str) -> str:
     return storage.join(output, "shards", f"{name}.arrow")
 
 
-def write_ipc(table: pa.Table, uri: str, compression: str = "zstd") -> int:
-    """Writes to a local temporary file, then commits it (rename or one put). Returns bytes."""
-    opts = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
-    with tempfile.TemporaryDirectory(prefix="atoken-shard-") as d:
-        local = os.path.join(d, "shard.arrow")
-        with pa.OSFile(local, "wb") as sink, pa.ipc.new_file(sink, table.schema, options=opts) as w:
-            w.write_table(table, max_chunksize=64)
-        n = os.path.getsize(local)
-        storage.commit_file(local, uri)
-    return n
+class ShardWriter:
+    """Streams a partition's rows into a local temporary Arrow IPC file on a background thread, then
+    commits it (rename, or one put to S3). Arrow's compression and the file write release the GIL, so
+    they overlap the decoding of the next samples instead of following it (measured: writing was ~4 s of
+    a 18 s single-worker video benchmark run); the bounded queue keeps at most two chunks in memory."""
+
+    def __init__(self, compression: str = "zstd", queue_chunks: int = 2):
+        opts = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
+        self._dir = tempfile.mkdtemp(prefix="atoken-shard-")
+        self._local = os.path.join(self._dir, "shard.arrow")
+        self._sink = pa.OSFile(self._local, "wb")
+        self._writer = pa.ipc.new_file(self._sink, SCHEMA, options=opts)
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_chunks)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+        self.rows, self.nbytes = 0, 0
+
+    def _drain(self) -> None:
+        while (table := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._writer.write_table(table, max_chunksize=64)
+                except BaseException as e:  # surfaced by add() / commit()
+                    self._error = e
+
+    def add(self, rows: list[dict]) -> None:
+        if self._error is not None:
+            raise self._error
+        if rows:
+            table = to_table(rows)
+            self.rows, self.nbytes = self.rows + len(rows), self.nbytes + int(table.nbytes)
+            self._queue.put(table)
+
+    def _finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._writer.close()
+        self._sink.close()
+
+    def commit(self, uri: str) -> int:
+        """Finishes the file and commits it to `uri`; returns its size in bytes."""
+        try:
+            self._finish()
+            if self._error is not None:
+                raise self._error
+            n = os.path.getsize(self._local)
+            storage.commit_file(self._local, uri)
+            return n
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def abort(self) -> None:
+        if self._thread.is_alive():
+            self._finish()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def write_quarantine(rows: list[dict], uri: str) -> None:
@@ -119,4 +168,4 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     return table.select(columns) if columns else table
 
 
-__all__ = ["SCHEMA", "build_index", "read_index", "read_table", "write_ipc", "write_quarantine"]
+__all__ = ["SCHEMA", "build_index", "read_index", "read_table", "ShardWriter", "write_quarantine"]
