@@ -121,8 +121,9 @@ class TaskPool:
     """A fixed-size look-ahead pool of one task's samples, refilled in a background thread.
 
     Ranks consume rows in lockstep: each step every rank proposes how many samples its best budget-
-    filling bin holds, the ranks agree on the minimum (one all-reduce on the main thread), and each
-    takes exactly that many. Refills are then identical on every rank, so all ranks reach a Ray Data
+    filling bin holds and how many extra samples its pool wants to cover the budget, the ranks agree on
+    the minimum and the maximum (one all-reduce on the main thread), and each takes exactly that many
+    and refills taken + extra. Refills are then identical on every rank, so all ranks reach a Ray Data
     epoch end (a barrier across `streaming_split` iterators) at the same step and never deadlock against
     ZeRO-3's collectives.
     """
@@ -163,13 +164,23 @@ class TaskPool:
         best = max(fitting, key=lambda b: sum(sizes[i] for i in b))
         return sorted(best, key=lambda i: -sizes[i])
 
-    def take(self, k: int, budget: int) -> list[Sample]:
-        """The k largest samples of the best bin (within budget); refill k in the background."""
+    def want(self, target_tokens: int, cap: int = 256) -> int:
+        """How many more samples this pool wants so that it holds `target_tokens` (enough to fill a
+        budget whatever mix of sizes it holds: a pool of 8 with small digits beside photos filled
+        ~100 of a 512-token budget). The ranks agree on the maximum, so refills stay equal."""
+        tokens = sum(s.tokens for s in self.samples)
+        if tokens >= target_tokens or not self.samples:
+            return 0
+        mean = max(1.0, tokens / len(self.samples))
+        return min(cap, int(-(-(target_tokens - tokens) // mean)))
+
+    def take(self, k: int, budget: int, extra: int = 0) -> list[Sample]:
+        """The k largest samples of the best bin (within budget); refill k + extra in the background."""
         chosen = sorted(self.best_bin(budget)[:k])
         batch = [self.samples[i] for i in chosen]
         keep = set(chosen)
         self.samples = [s for i, s in enumerate(self.samples) if i not in keep]
-        self._start(len(batch))
+        self._start(len(batch) + extra)
         return batch
 
 

@@ -152,10 +152,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     def next_batch(task: str) -> tuple[list, float]:
         waited = pools[task].wait()
-        k = torch.tensor([len(pools[task].best_bin(cfg.data.token_budget))])
+        pool = pools[task]
+        # [samples to take, -extra samples to pool]: MIN agrees on the fewest to take and the most to add
+        agree = torch.tensor([len(pool.best_bin(cfg.data.token_budget)), -pool.want(2 * cfg.data.token_budget)])
         if dist.is_initialized():
-            dist.all_reduce(k, op=dist.ReduceOp.MIN)  # lockstep row consumption across ranks
-        return pools[task].take(int(k), cfg.data.token_budget), waited
+            dist.all_reduce(agree, op=dist.ReduceOp.MIN)  # lockstep row consumption across ranks
+        return pool.take(int(agree[0]), cfg.data.token_budget, extra=-int(agree[1])), waited
 
     text_cache: dict[str, torch.Tensor] = {}
 
@@ -166,19 +168,28 @@ def train_loop_per_worker(config: dict) -> None:
                 text_cache[c] = e
         return torch.stack([text_cache[c] for c in captions])
 
-    window = {"tokens": 0, "samples": 0, "wait": 0.0, "t0": time.perf_counter(), "steps": 0, "losses": {}}
+    window = {"tokens": 0, "samples": 0, "wait": 0.0, "t0": time.perf_counter(), "steps": 0, "losses": {}, "phases": {}}
     history_uri = storage.join(cfg.run.storage, cfg.run.name, "metrics.jsonl")
     history = _read_history(history_uri, start_step) if rank == 0 else []
     step = start_step
     for step in range(start_step, cfg.steps):
         task = cycle[step % len(cycle)]
+        t_sel = time.perf_counter()
         samples, waited = next_batch(task)
+        window["phases"]["select"] = window["phases"].get("select", 0.0) + time.perf_counter() - t_sel - waited
         window["wait"] += waited
         captions = text_embed([s.caption for s in samples]) if task.endswith("_und") else None
+        t = time.perf_counter()
         terms = engine(task, samples, captions, step)
+        t_fwd = time.perf_counter()
         engine.backward(terms["total"])
+        t_bwd = time.perf_counter()
         engine.step()
+        t_opt = time.perf_counter()
         ema.update()
+        for k, v in (("forward", t_fwd - t), ("backward", t_bwd - t_fwd), ("optimizer", t_opt - t_bwd),
+                     ("ema", time.perf_counter() - t_opt), ("data", waited), ("step", time.perf_counter() - t_sel)):
+            window["phases"][k] = window["phases"].get(k, 0.0) + v
         window["tokens"] += sum(s.tokens for s in samples)
         window["samples"] += len(samples)
         window["steps"] += 1
@@ -207,7 +218,7 @@ def train_loop_per_worker(config: dict) -> None:
                                      checkpoint_dir_name=f"checkpoint_{done:08d}")
             else:
                 ray.train.report(metrics)
-            window = {"tokens": 0, "samples": 0, "wait": 0.0, "t0": time.perf_counter(), "steps": 0, "losses": {}}
+            window = {"tokens": 0, "samples": 0, "wait": 0.0, "t0": time.perf_counter(), "steps": 0, "losses": {}, "phases": {}}
     _export(engine, ema, module, cfg, rank)
 
 
@@ -232,7 +243,9 @@ def _window_metrics(w: dict, engine, device, world: int, step: int, task: str) -
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else _rss_peak_mb()
     return {"step": step, "task": task, "lr": engine.get_lr()[0], "tokens_per_s": tokens / wall,
             "samples_per_s": samples / wall, "data_wait_fraction": wait / max(total_dt, 1e-9),
-            "peak_memory_mb": peak, **w["losses"]}
+            "peak_memory_mb": peak, **w["losses"],
+            # where a rank's step time goes (seconds per step, this rank): data, forward, backward, optimizer, ema
+            **{f"time/{k}_s": v / max(w["steps"], 1) for k, v in w["phases"].items()}}
 
 
 def _export(engine, ema, module, cfg: StageConfig, rank: int) -> None:

@@ -84,3 +84,23 @@ def test_task_pool_takes_exactly_k_and_refills_the_same_amount():
     assert len(batch) == 2 and sum(s.tokens for s in batch) <= 128
     pool.wait()
     assert len(pool.samples) == 6 and pool.stream.consumed == 8  # refilled exactly what was taken
+
+
+def test_task_pool_grows_until_it_can_fill_the_budget():
+    """A mix of 1-token digits and 64-token photos: a pool of 8 fills ~70 of a 128-token budget; asking for
+    the extra samples its budget needs (equal on every rank) makes later batches full."""
+    pool = TaskPool(_Stream([64, 1, 1, 1, 1, 1, 1, 1]), 8)
+    pool.wait()
+    first = sum(pool.samples[i].tokens for i in pool.best_bin(128))
+    assert first < 80 and pool.want(256) > 0
+    fills = []
+    for _ in range(6):
+        pool.wait()
+        k, extra = len(pool.best_bin(128)), pool.want(256)
+        before = pool.stream.consumed
+        batch = pool.take(k, 128, extra)
+        pool.wait()
+        assert pool.stream.consumed - before == k + extra  # refills exactly what the ranks agreed on
+        fills.append(sum(s.tokens for s in batch))
+    assert max(fills[2:]) >= 120 and all(f <= 128 for f in fills)
+    assert sum(s.tokens for s in pool.samples) >= 128  # the pool keeps enough for a full budget
