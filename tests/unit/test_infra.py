@@ -3,6 +3,7 @@ resources, names and versions the pipeline actually uses, so that a wrong edit f
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import re
@@ -122,13 +123,19 @@ def _openapi_to_jsonschema(node):
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _crd_schema_cached(kind: str) -> str:
+    path = CRDS / f"ray.io_{kind.lower()}s.yaml"
+    crd = _yaml(path)
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return json.dumps(_openapi_to_jsonschema(version["schema"]["openAPIV3Schema"]))
+
+
 def _crd_schema(kind: str) -> dict:
     path = CRDS / f"ray.io_{kind.lower()}s.yaml"
     if not path.exists():
         pytest.skip(f"KubeRay CRDs not present ({path})")
-    crd = _yaml(path)
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return _openapi_to_jsonschema(version["schema"]["openAPIV3Schema"])
+    return json.loads(_crd_schema_cached(kind))
 
 
 @pytest.mark.parametrize("name,kind", [("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob")])
