@@ -6,6 +6,7 @@ process outlives the test session.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -141,6 +142,7 @@ class RayHead:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(alive, timeout=5)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def start_ray_head(workdir: Path, num_cpus: int = 0, autoscaling_config: Path | None = None,
