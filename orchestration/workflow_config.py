@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -87,8 +88,6 @@ class WorkflowConfig:
     def resolved_tracking_uri(self) -> str:
         """The MLflow tracking URI: the setting, else MLflow's standard environment variable (set on the
         cluster's head, infra/k8s/raycluster.yaml), else a sqlite file under work_dir."""
-        from pathlib import Path
-
         return (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                 or f"sqlite:///{Path(self.work_dir).resolve() / 'mlflow.db'}")
 
@@ -100,9 +99,13 @@ class WorkflowConfig:
             raise ValueError(f"curriculum.stages must be in increasing stage order, got {seen}")
         if not 1 <= self.start_stage <= self.stop_after <= 4:
             raise ValueError(f"start_stage={self.start_stage}, stop_after={self.stop_after}: need 1 <= start <= stop <= 4")
-        if self.model.init_official and self.model.official_variant not in ("soc", "sod", "soc-s1"):
-            raise ValueError(f"model.official_variant={self.model.official_variant!r}: choose soc, sod or soc-s1 "
-                             "(the 3D Gaussian decoder is attached to a converted model, docs/model.md)")
+        if self.model.init_official:
+            from atoken.official import VARIANTS
+
+            if self.model.official_variant not in VARIANTS:
+                raise ValueError(f"model.official_variant={self.model.official_variant!r}: choose one of "
+                                 f"{sorted(VARIANTS)} (the 3D Gaussian decoder is attached to a converted model, "
+                                 "docs/model.md)")
         if self.start_stage > 1 and not self.model.init_official:
             raise ValueError("start_stage > 1 needs model.init_official (the checkpoint the stage starts from)")
         return self

@@ -35,6 +35,14 @@ class ShardPolicy:
         return self
 
 
+def check_custom_resources(resources: dict[str, float], key: str) -> None:
+    """Custom Ray resources that steer work onto node types: names other than CPU/GPU/memory (those have
+    their own settings) with positive amounts."""
+    bad = {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory") or v <= 0}
+    if bad:
+        raise ValueError(f"{key}={bad}: custom resource names with amounts > 0 only (CPU and GPU have their own keys)")
+
+
 @dataclass
 class Resources:
     decode_cpus: float = 1.0  # per image/video decode task
@@ -56,10 +64,7 @@ class Resources:
         for key in ("decode_cpus", "render_cpus", "render_gpus", "probe_cpus"):
             if getattr(self, key) < 0:
                 raise ValueError(f"resources.{key}={getattr(self, key)} must be >= 0")
-        bad = {k: v for k, v in self.task_resources.items() if k in ("CPU", "GPU", "memory") or v <= 0}
-        if bad:
-            raise ValueError(f"resources.task_resources={bad}: custom resource names with amounts > 0 only "
-                             "(CPU and GPU have their own keys)")
+        check_custom_resources(self.task_resources, "resources.task_resources")
         return self
 
 

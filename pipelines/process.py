@@ -87,6 +87,7 @@ def process_partition(part: dict, cfg: IngestConfig, chunk_rows: int = 16) -> di
     t0 = time.time()
     rows, rejects, frames, sample_ids, splits = [], [], 0, [], {}
     stage = {"image": "decode", "video": "decode", "3d": "render"}[part["modality"]]
+    out, name = cfg.output, part["name"]
     videos, writer = _OpenVideos(), ShardWriter(cfg.shard.compression)
     try:
         for spec in sorted(part["specs"], key=lambda s: (s["item_id"], s.get("clip_index", 0))):
@@ -104,20 +105,15 @@ def process_partition(part: dict, cfg: IngestConfig, chunk_rows: int = 16) -> di
                 writer.add(rows)
                 rows = []
         writer.add(rows)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        videos.close()
-    out, name = cfg.output, part["name"]
-    side = {"name": name, "modality": part["modality"], "rows": writer.rows, "bytes": writer.nbytes, "splits": splits,
-            "sample_ids": sample_ids, "rejected": len(rejects)}
-    try:
+        side = {"name": name, "modality": part["modality"], "rows": writer.rows, "bytes": writer.nbytes,
+                "splits": splits, "sample_ids": sample_ids, "rejected": len(rejects)}
         storage.commit_bytes(storage.join(out, "shards", f"{name}.json"), json.dumps(side).encode())
         write_quarantine(rejects, storage.join(out, "quarantine", f"{name}.parquet"))
     except BaseException:
         writer.abort()
         raise
+    finally:
+        videos.close()
     written = writer.commit(shard_uri(out, name))
     return {"name": name, "modality": part["modality"], "rows": len(sample_ids), "rejected": len(rejects), "frames": frames,
             "bytes": written, "seconds": time.time() - t0, "rejects": json.dumps(rejects)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from atoken.losses import LossWeights
+from pipelines.config import check_custom_resources
 
 TASKS = ("image_rec", "image_und", "video_rec", "video_und", "3d_rec", "3d_und")
 TASK_MODALITY = {"image_rec": "image", "image_und": "image", "video_rec": "video", "video_und": "video",
@@ -119,8 +120,7 @@ class StageConfig:
             bad("model.latent_channels", "FSQ needs 48 latent channels (8 codebooks x 6 dims)")
         if self.scaling.num_workers < 1:
             bad("scaling.num_workers", "must be >= 1")
-        if any(k in ("CPU", "GPU") or v <= 0 for k, v in self.scaling.custom_resources.items()):
-            bad("scaling.custom_resources", "custom resource names with amounts > 0 only (CPU/GPU have their own keys)")
+        check_custom_resources(self.scaling.custom_resources, "stage config: scaling.custom_resources")
         if self.scaling.precision not in ("auto", "fp32", "bf16"):
             bad("scaling.precision", "choose auto, fp32 or bf16")
         if not 0 <= self.optim.ema_decay < 1:

@@ -6,6 +6,7 @@ import os
 import resource
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -168,28 +169,27 @@ def train_loop_per_worker(config: dict) -> None:
                 text_cache[c] = e
         return torch.stack([text_cache[c] for c in captions])
 
-    window = {"tokens": 0, "samples": 0, "wait": 0.0, "t0": time.perf_counter(), "steps": 0, "losses": {}, "phases": {}}
+    window = _new_window()
     history_uri = storage.join(cfg.run.storage, cfg.run.name, "metrics.jsonl")
     history = _read_history(history_uri, start_step) if rank == 0 else []
     step = start_step
     for step in range(start_step, cfg.steps):
         task = cycle[step % len(cycle)]
-        t_sel = time.perf_counter()
+        t0 = time.perf_counter()
         samples, waited = next_batch(task)
-        window["phases"]["select"] = window["phases"].get("select", 0.0) + time.perf_counter() - t_sel - waited
         window["wait"] += waited
         captions = text_embed([s.caption for s in samples]) if task.endswith("_und") else None
-        t = time.perf_counter()
+        t1 = time.perf_counter()
         terms = engine(task, samples, captions, step)
-        t_fwd = time.perf_counter()
+        t2 = time.perf_counter()
         engine.backward(terms["total"])
-        t_bwd = time.perf_counter()
+        t3 = time.perf_counter()
         engine.step()
-        t_opt = time.perf_counter()
+        t4 = time.perf_counter()
         ema.update()
-        for k, v in (("forward", t_fwd - t), ("backward", t_bwd - t_fwd), ("optimizer", t_opt - t_bwd),
-                     ("ema", time.perf_counter() - t_opt), ("data", waited), ("step", time.perf_counter() - t_sel)):
-            window["phases"][k] = window["phases"].get(k, 0.0) + v
+        t5 = time.perf_counter()
+        window["phases"].update({"data": waited, "select": t1 - t0 - waited, "forward": t2 - t1, "backward": t3 - t2,
+                                 "optimizer": t4 - t3, "ema": t5 - t4, "step": t5 - t0})
         window["tokens"] += sum(s.tokens for s in samples)
         window["samples"] += len(samples)
         window["steps"] += 1
@@ -218,8 +218,15 @@ def train_loop_per_worker(config: dict) -> None:
                                      checkpoint_dir_name=f"checkpoint_{done:08d}")
             else:
                 ray.train.report(metrics)
-            window = {"tokens": 0, "samples": 0, "wait": 0.0, "t0": time.perf_counter(), "steps": 0, "losses": {}, "phases": {}}
+            window = _new_window()
     _export(engine, ema, module, cfg, rank)
+
+
+def _new_window() -> dict:
+    """Per-report accumulators; `phases` sums seconds per step phase (a Counter adds on update): data wait,
+    select (batch agreement and caption embedding), forward, backward, optimizer, ema, and the whole step."""
+    return {"tokens": 0, "samples": 0, "wait": 0.0, "t0": time.perf_counter(), "steps": 0, "losses": {},
+            "phases": Counter()}
 
 
 def _read_history(uri: str, upto: int) -> list[dict]:

@@ -76,6 +76,9 @@ def test_killed_worker_resumes_from_checkpoint_and_rerun_is_a_noop(train_shards,
     for k in ("tokens_per_s", "samples_per_s", "data_wait_fraction", "peak_memory_mb", "lr", "loss/image_rec/l1",
               "loss/image_und/sem"):
         assert k in history[-1], k
+    phases = {k: history[-1][f"time/{k}_s"] for k in ("data", "select", "forward", "backward", "optimizer", "ema", "step")}
+    parts = sum(v for k, v in phases.items() if k != "step")
+    assert phases["forward"] > 0 and phases["backward"] > 0 and parts == pytest.approx(phases["step"], rel=1e-6)
     model = AToken.from_pretrained(tmp_path / "runs" / "killtest" / "export")
     assert model.config.latent_channels == 32 and torch.isfinite(next(model.parameters())).all()
     t = time.time()

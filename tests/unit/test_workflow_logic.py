@@ -62,6 +62,14 @@ def test_workflow_config_composes_and_rejects_bad_keys():
         load("run", ["start_stage=3"])
     with pytest.raises(ValueError, match="cluster.num_workers"):
         load("run", ["cluster.num_workers=two"])
+    with pytest.raises(ValueError, match="resources.task_resources"):
+        load("ingest", ["input=a", "output=b", "+resources.task_resources.GPU=1"])
+    with pytest.raises(ValueError, match="model.official_variant"):
+        load("run", ["model.init_official=/x.pt", "model.official_variant=3d-gs", "start_stage=3"])
+    c = StageConfig()
+    c.data.shards, c.data.ratios, c.scaling.custom_resources = "x", {"image_rec": 1.0}, {"train_node": 0}
+    with pytest.raises(ValueError, match="scaling.custom_resources"):
+        c.validate()
 
 
 class _Stream:
