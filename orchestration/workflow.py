@@ -70,6 +70,7 @@ def _stage_config(cfg: WorkflowConfig, spec: StageSpec, shards: str, storage_roo
     c.scaling.num_workers, c.scaling.use_gpu = cfg.cluster.num_workers, cfg.cluster.use_gpu
     c.scaling.cpus_per_worker, c.scaling.gpus_per_worker = cfg.cluster.cpus_per_worker, cfg.cluster.gpus_per_worker
     c.scaling.custom_resources = dict(cfg.cluster.train_resources)
+    c.scaling.zero_persistence_threshold = cfg.cluster.zero_persistence_threshold
     c.run.storage, c.run.name = storage.join(storage_root, "runs"), f"stage{spec.stage}-{key[:10]}"
     c.run.checkpoint_every = cfg.curriculum.checkpoint_every
     c.run.report_every = max(1, min(cfg.curriculum.checkpoint_every, spec.steps))

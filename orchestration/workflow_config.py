@@ -66,6 +66,7 @@ class ClusterGroup:
     cpus_per_worker: float = 0.9
     gpus_per_worker: float = 1.0
     num_cpus: int = 0  # local Ray only; 0: all
+    zero_persistence_threshold: int = -1  # ZeRO-3 kept-whole parameter size; -1: auto (0 on CPU, 1e5 on GPU)
     # Custom Ray resources that steer work onto node types (names must match infra/ray/cluster-aws.yaml
     # and infra/k8s/raycluster.yaml): CPU ingest tasks and training workers.
     ingest_resources: dict[str, float] = field(default_factory=dict)

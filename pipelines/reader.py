@@ -28,9 +28,12 @@ def iter_rows(output: str, **kw) -> Iterator[dict]:
         yield from t.to_pylist()
 
 
-def read_shards(output: str, modality: str | None = None, split: str | None = None, num_cpus: float | None = None):
+def read_shards(output: str, modality: str | None = None, split: str | None = None, num_cpus: float | None = None,
+                concurrency: int | None = None):
     """A Ray Dataset over the committed shards (one read task per shard file). `num_cpus` per read task:
-    training passes a small value, since reading Arrow is I/O and the train workers hold the CPUs."""
+    training passes a small value, since reading Arrow is I/O and the train workers hold the CPUs.
+    `concurrency` caps the read tasks in flight: zero-CPU tasks are otherwise unbounded, and each epoch
+    of a small dataset started a burst of fresh worker processes whose start-up took CPU from training."""
     import ray.data
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
@@ -56,4 +59,6 @@ def read_shards(output: str, modality: str | None = None, split: str | None = No
     if not uris:
         raise ValueError(f"{output}: no shards{' for modality ' + modality if modality else ''}")
     kw = {} if num_cpus is None else {"num_cpus": num_cpus}
+    if concurrency:
+        kw["concurrency"] = concurrency
     return ray.data.read_datasource(ArrowShardDatasource(), override_num_blocks=len(uris), **kw)

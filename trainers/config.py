@@ -32,6 +32,7 @@ class DataSection:
     token_budget: int = 1024  # real tokens per worker per step (packed, not padded)
     max_tokens_per_sample: int = 1024  # larger samples are centre-cropped (images/videos) or subsampled (3D)
     read_cpus: float = 0.0  # per shard-read task: Arrow reads are I/O; samples decode in the train worker
+    read_concurrency: int = 0  # shard-read tasks in flight per task stream; 0: one per training worker
     pool_size: int = 8  # look-ahead samples per task, refilled in the background while a step runs
     render_views: int = 2  # 3D: views rendered per sample for the Gaussian render loss
     render_resolution: int = 64
@@ -66,6 +67,11 @@ class ScalingSection:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # ZeRO-3 keeps parameters smaller than this whole on every rank. -1 = auto: 0 on CPU/gloo, where
+    # re-gathering the kept-whole parameters one by one after every optimizer step cost more than
+    # gathering everything per module (measured on the tiny preset: optimizer phase 0.09 -> 0.02 s/step,
+    # docs/benchmarks.md); DeepSpeed's default 1e5 on GPU.
+    zero_persistence_threshold: int = -1
     # Custom Ray resources each training worker also asks for, e.g. {train_node: 0.001} to pin workers
     # to the GPU node type that advertises it (infra/ray/cluster-aws.yaml).
     custom_resources: dict[str, float] = field(default_factory=dict)
@@ -114,6 +120,8 @@ class StageConfig:
             bad("data.ratios", "needs at least one positive ratio and none negative")
         if not self.data.shards:
             bad("data.shards", "is required (the ingested shard folder)")
+        if self.data.read_concurrency < 0:
+            bad("data.read_concurrency", "must be >= 0 (0: one read in flight per training worker)")
         if self.data.token_budget < 16:
             bad("data.token_budget", "must be >= 16")
         if self.model.fsq and self.model.latent_channels != 48:
@@ -121,6 +129,8 @@ class StageConfig:
         if self.scaling.num_workers < 1:
             bad("scaling.num_workers", "must be >= 1")
         check_custom_resources(self.scaling.custom_resources, "stage config: scaling.custom_resources")
+        if self.scaling.zero_persistence_threshold < -1:
+            bad("scaling.zero_persistence_threshold", "must be -1 (auto) or >= 0 parameter elements")
         if self.scaling.precision not in ("auto", "fp32", "bf16"):
             bad("scaling.precision", "choose auto, fp32 or bf16")
         if not 0 <= self.optim.ema_decay < 1:

@@ -22,11 +22,15 @@ EXPORT_EXTRA = "text_projection.safetensors"
 
 def deepspeed_config(cfg: StageConfig, gpu: bool) -> dict:
     bf16 = cfg.scaling.precision == "bf16" or (cfg.scaling.precision == "auto" and gpu)
+    persist = cfg.scaling.zero_persistence_threshold
+    if persist < 0:
+        persist = 100_000 if gpu else 0
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False},
+        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False,
+                              "stage3_param_persistence_threshold": persist},
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
         "optimizer": {"type": "AdamW", "params": {
@@ -175,7 +179,7 @@ def train_loop_per_worker(config: dict) -> None:
     step = start_step
     for step in range(start_step, cfg.steps):
         task = cycle[step % len(cycle)]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         samples, waited = next_batch(task)
         window["wait"] += waited
         captions = text_embed([s.caption for s in samples]) if task.endswith("_und") else None
@@ -189,7 +193,8 @@ def train_loop_per_worker(config: dict) -> None:
         ema.update()
         t5 = time.perf_counter()
         window["phases"].update({"data": waited, "select": t1 - t0 - waited, "forward": t2 - t1, "backward": t3 - t2,
-                                 "optimizer": t4 - t3, "ema": t5 - t4, "step": t5 - t0})
+                                 "optimizer": t4 - t3, "ema": t5 - t4, "step": t5 - t0,
+                                 "cpu": time.process_time() - c0})
         window["tokens"] += sum(s.tokens for s in samples)
         window["samples"] += len(samples)
         window["steps"] += 1
@@ -224,7 +229,9 @@ def train_loop_per_worker(config: dict) -> None:
 
 def _new_window() -> dict:
     """Per-report accumulators; `phases` sums seconds per step phase (a Counter adds on update): data wait,
-    select (batch agreement and caption embedding), forward, backward, optimizer, ema, and the whole step."""
+    select (batch agreement and caption embedding), forward, backward, optimizer, ema, the whole step, and
+    the CPU seconds this process used meanwhile (all its threads: well below `step` means other processes
+    took the cores)."""
     return {"tokens": 0, "samples": 0, "wait": 0.0, "t0": time.perf_counter(), "steps": 0, "losses": {},
             "phases": Counter()}
 

@@ -99,7 +99,8 @@ def run_stage(cfg: StageConfig) -> StageResult:
     t0 = time.time()
     datasets = {}
     for task in cfg.tasks:
-        ds = read_shards(cfg.data.shards, modality=TASK_MODALITY[task], split="train", num_cpus=cfg.data.read_cpus)
+        ds = read_shards(cfg.data.shards, modality=TASK_MODALITY[task], split="train", num_cpus=cfg.data.read_cpus,
+                         concurrency=cfg.data.read_concurrency or cfg.scaling.num_workers)
         datasets[task] = ds
     ckpt_uri, ckpt_step = latest_checkpoint(cfg)
     fs, path = storage.pyarrow_filesystem(cfg.run.storage)
