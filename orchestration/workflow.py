@@ -189,25 +189,29 @@ def run_workflow(cfg: WorkflowConfig) -> dict:
                                    "gate_failures": json.dumps(gate_fails), "eval_dir": eval_dir,
                                    "resumed_from_step": res.resumed_from_step})
             tracker.finish(step)
-        rows.append({"stage": n, "version": version, "metrics": metrics, "gates": "pass" if not gate_fails else "FAIL",
-                     "aliases": _aliases_of(client, model_name, version)})
+        rows.append({"stage": n, "version": version, "metrics": metrics, "gates": "pass" if not gate_fails else "FAIL"})
         if gate_fails:
             report = "\n  ".join(gate_fails)
             _log(f"stage {n}: gates failed; aliases stage{n} and champion not moved:\n  {report}")
             tracker.finish_workflow("FAILED")
+            _with_aliases(rows, client, model_name)
             _print_summary(rows, work, time.time() - t0)
             raise GateFailed(f"stage {n} (version {version}) failed its gates:\n  {report}")
         previous_metrics, init_version = metrics, version
         init_export = client.get_model_version(model_name, version).tags["export"]
     tracker.finish_workflow()
+    _with_aliases(rows, client, model_name)
     summary = {"rows": rows, "wall_s": round(time.time() - t0, 1), "tracking_uri": tracking, "work_dir": str(work)}
     _print_summary(rows, work, summary["wall_s"])
     return summary
 
 
-def _aliases_of(client, model: str, version: str) -> list[str]:
-    mv = client.get_model_version(model, version)
-    return sorted(getattr(mv, "aliases", []) or [])
+def _with_aliases(rows: list[dict], client, model: str) -> None:
+    """Each row's aliases as the registry holds them at the end (read when the stage finished, every
+    promoted version still showed `champion`)."""
+    for r in rows:
+        mv = client.get_model_version(model, r["version"])
+        r["aliases"] = sorted(getattr(mv, "aliases", []) or [])
 
 
 def _print_summary(rows: list[dict], work: Path, wall: float) -> None:

@@ -55,6 +55,9 @@ def test_full_workflow_registers_and_promotes_every_stage(full_run, mlflow_serve
     assert reg["stages"] == {1: 1, 2: 2, 3: 3, 4: 4}
     assert reg["aliases"] == {"champion": "4", **{f"stage{n}": str(n) for n in range(1, 5)},
                               **{f"stage{n}-candidate": str(n) for n in range(1, 5)}}
+    # the printed / returned summary shows the registry's aliases at the end, not those of each stage's time
+    assert {r["stage"]: r["aliases"] for r in summary["rows"]} == {
+        n: sorted([f"stage{n}", f"stage{n}-candidate"] + (["champion"] if n == 4 else [])) for n in range(1, 5)}
     exp = client.get_experiment_by_name("atoken-curriculum")
     runs = client.search_runs([exp.experiment_id], "tags.`atoken.kind` = 'step'")
     steps = {r.data.tags["atoken.step"]: r for r in runs if r.data.tags.get("output.version") or r.data.tags["atoken.step"] == "ingest"}
