@@ -160,24 +160,15 @@ class TaskPool:
 
     def best_bin(self, budget: int) -> list[int]:
         """The fullest bin within the budget; but once the oldest sample has been passed over `max_wait`
-        times, a bin built from it (then the largest that still fit). The fullest-bin rule alone let
-        1-token digits pile up behind 64-token photos that filled budgets exactly; oldest-first alone
-        filled only ~90% of the budget. A lone oversized sample only when nothing else fits."""
+        times, the oldest plus the fullest bin in the room it leaves. The fullest-bin rule alone let 1-token
+        digits pile up behind 64-token photos that filled budgets exactly. A lone oversized sample only
+        when nothing else fits. Largest first (after an overdue oldest), so take(k) keeps the biggest."""
         sizes = [s.tokens for s in self.samples]
         if not sizes:
             return []
         if self._takes - self._arrived[0] >= self.max_wait:
-            chosen, used = [0], sizes[0]
-            for i in sorted(range(1, len(sizes)), key=lambda i: -sizes[i]):
-                if used + sizes[i] <= budget:
-                    chosen.append(i)
-                    used += sizes[i]
-            return chosen
-        fitting = [b for b in first_fit_decreasing(sizes, budget) if sum(sizes[i] for i in b) <= budget]
-        if not fitting:
-            return [min(range(len(sizes)), key=lambda i: sizes[i])]
-        best = max(fitting, key=lambda b: sum(sizes[i] for i in b))
-        return sorted(best, key=lambda i: -sizes[i])
+            return [0] + _fullest_bin(sizes, range(1, len(sizes)), budget - sizes[0])
+        return _fullest_bin(sizes, range(len(sizes)), budget) or [min(range(len(sizes)), key=sizes.__getitem__)]
 
     def want(self, target_tokens: int, cap: int = 256) -> int:
         """How many more samples this pool wants so that it holds `target_tokens` (enough to fill a
@@ -200,6 +191,16 @@ class TaskPool:
         self._takes += 1
         self._start(len(batch) + extra)
         return batch
+
+
+def _fullest_bin(sizes: list[int], candidates, capacity: int) -> list[int]:
+    """Indices (largest first) of the fullest first-fit-decreasing bin of `candidates` within `capacity`."""
+    idx = list(candidates)
+    bins = [[idx[j] for j in b] for b in first_fit_decreasing([sizes[i] for i in idx], max(capacity, 1))]
+    fitting = [b for b in bins if sum(sizes[i] for i in b) <= capacity]
+    if not fitting:
+        return []
+    return sorted(max(fitting, key=lambda b: sum(sizes[i] for i in b)), key=lambda i: -sizes[i])
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:

@@ -144,7 +144,7 @@ def test_task_pool_never_starves_small_samples():
         sizes += [s.tokens for s in batch]
         peak = max(peak, len(pool.samples))
     pool.wait()
-    produced = pool.stream.consumed
-    assert sizes.count(1) >= produced // 3 - len(pool.samples)  # digits leave as fast as they arrive
+    waiting = sum(1 for s in pool.samples if s.tokens == 1)
+    assert sizes.count(1) >= 15 and waiting <= 4  # digits leave as they arrive (the fullest-bin rule: 0 taken, 61 waiting)
     assert peak <= 16  # bounded look-ahead (the fullest-bin rule alone: 64 samples, no digit ever taken)
     assert sum(sizes) / 60 >= 0.85 * 128  # batches stay nearly full (measured 116 of 128)
