@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from atoken.gaussian import GaussianDecoderConfig
+
 
 @dataclass
 class ATokenConfig:
@@ -47,7 +49,6 @@ class ATokenConfig:
     logit_scale_init: float = 4.8438  # SigLIP-style sigmoid similarity (official hard-coded values)
     logit_bias_init: float = -15.5625
 
-    grid_size: int = 64  # 3D voxel grid G
     # 3D Gaussian decoder (GaussianDecoderConfig fields); None: the model has none
     gaussian_decoder: dict | None = None
     gradient_checkpointing: bool = False
@@ -86,8 +87,6 @@ class ATokenConfig:
         if self.temporal_window < 1:
             bad("temporal_window", "must be >= 1")
         if self.gaussian_decoder is not None:
-            from atoken.gaussian import GaussianDecoderConfig
-
             known = set(GaussianDecoderConfig.__dataclass_fields__)
             extra = sorted(set(self.gaussian_decoder) - known)
             if extra:
@@ -130,13 +129,14 @@ def _preset(name: str, width: int, blocks: int, heads: int, mlp: int, **kw: Any)
     return ATokenConfig(**{**base, **kw}).validate()
 
 
+# the tiny preset's 3D head; its grid (resolution) and size constants follow the shards' voxel grid when a
+# stage attaches it (trainers.start.gaussian_decoder_for_grid)
 TINY_GAUSSIAN_DECODER = dict(model_channels=64, num_blocks=1, num_heads=2, mlp_channels=128, gaussians_per_voxel=4,
                              resolution=16)
 
 PRESETS = {
     # trains on 2 CPU cores in minutes
-    "tiny": lambda **kw: _preset("tiny", 96, 2, 2, 256, **{"gaussian_decoder": TINY_GAUSSIAN_DECODER,
-                                                            "grid_size": 16, **kw}),
+    "tiny": lambda **kw: _preset("tiny", 96, 2, 2, 256, **{"gaussian_decoder": TINY_GAUSSIAN_DECODER, **kw}),
     # SigLIP2-Base-sized: 12 blocks, 768 wide, 12 heads (~192M encoder + decoder in the paper)
     "base": lambda **kw: _preset("base", 768, 12, 12, 3072, **kw),
     # SigLIP2 So400m: 27 blocks, 1152 wide, 16 heads, MLP 4304 (~800M in the paper)

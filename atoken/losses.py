@@ -1,14 +1,18 @@
-"""Training losses with the paper's default weights (all configurable).
+"""Training losses with the paper's default weights (all configurable, feature terms schedulable).
 
 L = λ_rec·L_rec + λ_sem·L_sem + λ_KL·L_KL  (0.2, 1.0, 1e-8)
 Image L_rec = 1·L1 + 10·perceptual + 1e3·Gram + 1·CLIP-perceptual; video and 3D L_rec = L1; 3D renders
 L1 + 0.2·(1 − SSIM). Perceptual, Gram and CLIP-perceptual use a frozen feature network (FeatureNetwork)
 at 224² by default. Semantic: SigLIP sigmoid loss (video / 3D / captioned images) and the distillation
 KL(softmax(teacher/τ) ‖ softmax(student/τ)) with τ = 2.
+
+The feature terms are `Scheduled`: off before `start`, then ramped linearly to their weight (Cosmos
+Tokenizer's training code schedules its Gram and LPIPS weights by iteration the same way). A term whose
+weight is 0 at a step costs nothing: the feature network does not run.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -18,27 +22,50 @@ from atoken.metrics import ssim
 
 
 @dataclass
+class Scheduled:
+    """A loss weight by step: 0 before `start`, then a linear ramp over `ramp` steps up to `weight`."""
+
+    weight: float = 0.0
+    start: int = 0
+    ramp: int = 0
+
+    def at(self, step: int) -> float:
+        if step < self.start or self.weight == 0:
+            return 0.0
+        if self.ramp <= 0:
+            return float(self.weight)
+        return float(self.weight) * min(1.0, (step - self.start + 1) / self.ramp)
+
+
+@dataclass
 class LossWeights:
     rec: float = 0.2
     sem: float = 1.0
     kl: float = 1e-8
     l1: float = 1.0
-    perceptual: float = 10.0
-    gram: float = 1e3
-    clip: float = 1.0
+    mse: float = 0.0  # not in the paper; PSNR is an MSE figure, so short runs that must show it add it
+    perceptual: Scheduled = field(default_factory=lambda: Scheduled(10.0))
+    gram: Scheduled = field(default_factory=lambda: Scheduled(1e3))
+    clip: Scheduled = field(default_factory=lambda: Scheduled(1.0))
     render_ssim: float = 0.2
     distill_tau: float = 2.0
 
     def validate(self) -> "LossWeights":
-        import dataclasses
-
-        for f in dataclasses.fields(LossWeights):
+        for f in fields(LossWeights):
             k, v = f.name, getattr(self, f.name)
-            if not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"losses.{k}={v!r}: must be a non-negative number")
+            if isinstance(v, Scheduled):
+                for part in ("weight", "start", "ramp"):
+                    x = getattr(v, part)
+                    if not isinstance(x, (int, float)) or x < 0:
+                        raise ValueError(f"losses.{k}.{part}: {x!r} must be a non-negative number")
+            elif not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"losses.{k}: {v!r} must be a non-negative number")
         if self.distill_tau <= 0:
-            raise ValueError(f"losses.distill_tau={self.distill_tau}: must be > 0")
+            raise ValueError(f"losses.distill_tau: {self.distill_tau} must be > 0")
         return self
+
+    def feature_weights(self, step: int) -> dict[str, float]:
+        return {"perceptual": self.perceptual.at(step), "gram": self.gram.at(step), "clip": self.clip.at(step)}
 
 
 def gram(f: torch.Tensor) -> torch.Tensor:
@@ -53,7 +80,7 @@ def _unit(f: torch.Tensor) -> torch.Tensor:
 
 
 class ImageReconstructionLoss(nn.Module):
-    """L1 at native resolution plus feature-space terms on a frozen network (None: L1 only)."""
+    """L1 (+ MSE) at native resolution plus scheduled feature-space terms on a frozen network."""
 
     def __init__(self, weights: LossWeights, feature_net: nn.Module | None = None):
         super().__init__()
@@ -66,18 +93,33 @@ class ImageReconstructionLoss(nn.Module):
         net = f"{name}@{res}" if self.features is not None else "none (L1 only)"
         return {"perceptual": net, "gram": net, "clip_perceptual": net, "l1": "pixels, native resolution"}
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    def needs_features(self, step: int) -> bool:
+        return self.features is not None and any(v > 0 for v in self.w.feature_weights(step).values())
+
+    def feature_terms(self, pred: torch.Tensor, target: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        """pred/target [N, 3, H, W] in [-1, 1] -> the unweighted feature terms and their weighted sum
+        ('weighted'); empty when every feature weight is 0 at this step (no network forward)."""
+        if not self.needs_features(step):
+            return {}
+        w = self.w.feature_weights(step)
+        fp, ep = self.features(((pred + 1) / 2).clamp(0, 1))
+        with torch.no_grad():
+            ft, et = self.features(((target + 1) / 2).clamp(0, 1))
+        terms = {"perceptual": sum((_unit(a) - _unit(b)).pow(2).sum(1).mean() for a, b in zip(fp, ft)) / len(fp),
+                 "gram": sum((gram(a) - gram(b)).pow(2).mean() for a, b in zip(fp, ft)) / len(fp),
+                 "clip": (1 - F.cosine_similarity(ep.float(), et.float(), dim=-1)).mean()}
+        terms["weighted"] = sum(w[k] * terms[k] for k in ("perceptual", "gram", "clip"))
+        return terms
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
         """pred/target [N, 3, H, W] in [-1, 1] -> dict of unweighted terms and the weighted 'total'."""
-        terms = {"l1": (pred.float() - target.float()).abs().mean()}
-        total = self.w.l1 * terms["l1"]
-        if self.features is not None and (self.w.perceptual or self.w.gram or self.w.clip):
-            fp, ep = self.features(((pred + 1) / 2).clamp(0, 1))
-            with torch.no_grad():
-                ft, et = self.features(((target + 1) / 2).clamp(0, 1))
-            terms["perceptual"] = sum((_unit(a) - _unit(b)).pow(2).sum(1).mean() for a, b in zip(fp, ft)) / len(fp)
-            terms["gram"] = sum((gram(a) - gram(b)).pow(2).mean() for a, b in zip(fp, ft)) / len(fp)
-            terms["clip"] = (1 - F.cosine_similarity(ep.float(), et.float(), dim=-1)).mean()
-            total = total + self.w.perceptual * terms["perceptual"] + self.w.gram * terms["gram"] + self.w.clip * terms["clip"]
+        diff = pred.float() - target.float()
+        terms = {"l1": diff.abs().mean(), "mse": diff.pow(2).mean()}
+        total = self.w.l1 * terms["l1"] + self.w.mse * terms["mse"]
+        feat = self.feature_terms(pred, target, step)
+        if feat:
+            total = total + feat.pop("weighted")
+            terms.update(feat)
         terms["total"] = total
         return terms
 
@@ -95,10 +137,11 @@ def render_loss(pred: torch.Tensor, target: torch.Tensor, ssim_weight: float = 0
 
 
 def siglip_sigmoid_loss(visual: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                        logit_bias: torch.Tensor) -> torch.Tensor:
-    """SigLIP pairwise sigmoid loss; row i of visual matches row i of text. Inputs L2-normalised."""
+                        logit_bias: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """SigLIP pairwise sigmoid loss over the batch's [B, B] pairs. Inputs L2-normalised. `targets` is +1
+    for matching pairs and -1 otherwise (default: row i of visual matches row i of text only)."""
     logits = visual.float() @ text.float().T * logit_scale.exp() + logit_bias
-    labels = 2 * torch.eye(len(visual), device=visual.device) - 1
+    labels = targets if targets is not None else 2 * torch.eye(len(visual), device=visual.device) - 1
     return -F.logsigmoid(labels * logits).sum() / len(visual)
 
 
@@ -107,8 +150,3 @@ def distillation_kl(student_sims: torch.Tensor, teacher_sims: torch.Tensor, tau:
     t = F.log_softmax(teacher_sims.float() / tau, dim=-1)
     s = F.log_softmax(student_sims.float() / tau, dim=-1)
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
-
-
-def total_loss(rec: torch.Tensor | float, sem: torch.Tensor | float, kl: torch.Tensor | float,
-               w: LossWeights) -> torch.Tensor | float:
-    return w.rec * rec + w.sem * sem + w.kl * kl

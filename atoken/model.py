@@ -7,10 +7,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from atoken.bottleneck import FSQ, DiagonalGaussian
 from atoken.config import ATokenConfig
-from atoken.patchify import pack, unpack
+from atoken.gaussian import GaussianDecoder, GaussianDecoderConfig
+from atoken.patchify import pack, tokens_to_video, unpack
 from atoken.sparse import SparseBatch
 from atoken.transformer import Decoder, Encoder
 
@@ -41,8 +43,6 @@ class AToken(nn.Module):
         self.quantizer = FSQ(config.fsq_levels, config.fsq_num_codebooks) if config.use_quantizer else None
         self.gs_decoder = None
         if config.gaussian_decoder is not None:
-            from atoken.gaussian import GaussianDecoder, GaussianDecoderConfig
-
             self.gs_decoder = GaussianDecoder(GaussianDecoderConfig(**config.gaussian_decoder))
         # Not in official checkpoints (hard-coded there); trainable here for the sigmoid text loss.
         # shape [1], not 0-d: DeepSpeed's parameter broadcast cannot view 0-d tensors as bytes
@@ -103,8 +103,6 @@ class AToken(nn.Module):
     def decode_video_stream(self, latents: torch.Tensor, coords: torch.Tensor, kv_cache_frames: int = 0):
         """Long video: yields decoded frames [16, H, W, 3] in [-1, 1] tile by tile (temporal tiling with
         a K/V cache across tiles); peak memory is that of one tile, whatever the video's length."""
-        from atoken.patchify import tokens_to_video
-
         pt, ph, pw = self.config.patch_size
         for rec, c in self.decoder.stream(latents, coords, kv_cache_frames):
             H, W = (int(c[:, 2].max()) + 1) * ph, (int(c[:, 3].max()) + 1) * pw
@@ -153,8 +151,6 @@ class AToken(nn.Module):
     # ---------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | Path, metadata: dict | None = None) -> Path:
         """Writes model.safetensors + config.json (no pickles)."""
-        from safetensors.torch import save_file
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -164,8 +160,6 @@ class AToken(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "AToken":
-        from safetensors.torch import load_file
-
         d = Path(directory)
         for f in (CONFIG_FILE, WEIGHTS_FILE):
             if not (d / f).is_file():
@@ -173,18 +167,6 @@ class AToken(nn.Module):
         model = cls(ATokenConfig.load(d / CONFIG_FILE))
         model.load_state_dict(load_file(str(d / WEIGHTS_FILE), device=str(device)), strict=True)
         return model.to(device)
-
-    @classmethod
-    def from_official(cls, path: str | Path, variant: str = "soc", config: ATokenConfig | None = None) -> "AToken":
-        from atoken.official import load_official
-
-        return load_official(path, variant, config)
-
-    @classmethod
-    def from_siglip2(cls, directory: str | Path, config: ATokenConfig | None = None) -> "AToken":
-        from atoken.siglip2 import init_encoder_from_siglip2
-
-        return init_encoder_from_siglip2(directory, config)
 
     def num_parameters(self) -> dict[str, int]:
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731

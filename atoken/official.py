@@ -8,11 +8,16 @@ safetensors, never full unpickling), the variant configs, and export back to the
 from __future__ import annotations
 
 from pathlib import Path
+import logging
 from typing import Any
 
 import torch
 
 from atoken.config import ATokenConfig, preset
+from atoken.gaussian import GaussianDecoder, GaussianDecoderConfig
+from atoken.model import AToken
+
+log = logging.getLogger(__name__)
 
 # Model tensors that official checkpoints do not hold: the release hard-codes them in its init.
 NOT_IN_OFFICIAL = {"logit_scale": 4.8438, "logit_bias": -15.5625}
@@ -101,8 +106,6 @@ def check_keys(official: dict[str, torch.Tensor], model_state: dict[str, torch.T
 def load_official_gaussian_decoder(path: str | Path, config: dict | None = None):
     """The official 3D Gaussian decoder. Its checkpoint also holds LPIPS(VGG) loss weights under
     `lpips_loss.*`; they are not model weights and are skipped (and reported)."""
-    from atoken.gaussian import GaussianDecoder, GaussianDecoderConfig
-
     state = read_state_dict(path)
     skipped = sorted(k for k in state if k.startswith(LPIPS_PREFIX))
     state = {k: v for k, v in state.items() if not k.startswith(LPIPS_PREFIX)}
@@ -111,14 +114,12 @@ def load_official_gaussian_decoder(path: str | Path, config: dict | None = None)
     check_keys(state, own)
     dec.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
     if skipped:
-        print(f"{path}: skipped {len(skipped)} LPIPS loss tensors ({LPIPS_PREFIX}*); they are not model weights")
+        log.info("%s: skipped %d LPIPS loss tensors (%s*); they are not model weights", path, len(skipped), LPIPS_PREFIX)
     dec.skipped_keys = skipped
     return dec
 
 
 def load_official(path: str | Path, variant: str = "soc", config: ATokenConfig | None = None):
-    from atoken.model import AToken
-
     if variant == GS_VARIANT:
         return load_official_gaussian_decoder(path, (config.gaussian_decoder if config else None))
     cfg = config or variant_config(variant)
@@ -151,13 +152,9 @@ def to_official_gaussian_state_dict(model) -> dict[str, torch.Tensor]:
 def convert_official(src: str | Path, dst: str | Path, variant: str = "soc", to_official: bool = False) -> Path:
     """`atoken convert-official`: official file -> save_pretrained dir, or (--to-official) a
     save_pretrained dir -> an official-named .safetensors / .pt file."""
-    from atoken.model import AToken
-
     dst = Path(dst)
     if to_official:
         if variant == GS_VARIANT:
-            from atoken.gaussian import GaussianDecoder
-
             src_p = Path(src)
             if (src_p / "gaussian_decoder.json").is_file():
                 state = {k: v.contiguous() for k, v in GaussianDecoder.from_pretrained(src_p).state_dict().items()}
@@ -175,13 +172,13 @@ def convert_official(src: str | Path, dst: str | Path, variant: str = "soc", to_
             save_file(state, str(dst))
         else:
             torch.save(state, str(dst))
-        print(f"wrote {len(state)} tensors in official naming to {dst}")
+        log.info("wrote %d tensors in official naming to %s", len(state), dst)
         return dst
     if variant == GS_VARIANT:
         load_official_gaussian_decoder(src).save_pretrained(dst)
-        print(f"converted {src} ({variant}) -> {dst} (attach with AToken.attach_gaussian_decoder)")
+        log.info("converted %s (%s) -> %s (attach with AToken.attach_gaussian_decoder)", src, variant, dst)
         return dst
     model = load_official(src, variant)
     model.save_pretrained(dst, metadata={"source": str(src), "variant": variant})
-    print(f"converted {src} ({variant}) -> {dst}")
+    log.info("converted %s (%s) -> %s", src, variant, dst)
     return dst

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from atoken.config import ATokenConfig, preset
+from atoken.model import AToken
 
 
 def load_siglip2(path: str | Path, setting: str):
@@ -71,8 +72,6 @@ def siglip2_to_encoder_state(vision: dict[str, torch.Tensor], num_blocks: int, p
 
 def init_encoder_from_siglip2(directory: str | Path, config: ATokenConfig | None = None):
     """AToken whose encoder (and semantic head) come from a local SigLIP2 checkpoint."""
-    from atoken.model import AToken
-
     model_hf, _ = load_siglip2(directory, "model.siglip2_path")
     vcfg = getattr(model_hf.config, "vision_config", model_hf.config)
     cfg = config or preset("so400m")

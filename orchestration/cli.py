@@ -35,8 +35,20 @@ def _workflow_cfg(overrides: list[str]):
 def _run(args: argparse.Namespace) -> int:
     from orchestration.workflow import GateFailed, run_workflow
 
+    cfg = _workflow_cfg(args.overrides)
+    if args.cfg == "job":
+        print(cfg.validate().resolved_yaml(), end="")
+        return 0
+    if args.cfg == "stages":
+        cfg.validate()
+        from omegaconf import OmegaConf
+
+        for i, spec in enumerate(cfg.curriculum.stages):
+            print(f"# curriculum.stages.{i}: stage {spec.stage}, resolved training config")
+            print(OmegaConf.to_yaml(OmegaConf.structured(cfg.stage_train_config(i))), end="")
+        return 0
     try:
-        run_workflow(_workflow_cfg(args.overrides))
+        run_workflow(cfg)
     except GateFailed as e:
         print(f"atoken run: stopped: {e}", file=sys.stderr)
         return 3
@@ -108,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_samples)
 
     r = sub.add_parser("run", help="the curriculum workflow (the main job); Hydra overrides")
+    r.add_argument("--cfg", choices=["job", "stages"], help="print the resolved config tree (job) or each stage's "
+                   "resolved training config (stages), and exit")
     r.add_argument("overrides", nargs="*")
     r.set_defaults(func=_run)
 
@@ -140,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from orchestration.console import setup_logging
+
     args = build_parser().parse_args(argv)
+    setup_logging()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, KeyError) as e:

@@ -9,6 +9,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from orchestration.workflow_config import WorkflowConfig
+from pipelines.config import IngestConfig
+
 _REGISTERED = False
 
 
@@ -16,16 +19,9 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    from pipelines.config import IngestConfig
-
     cs = ConfigStore.instance()
     cs.store(name="ingest_schema", node=IngestConfig)
-    try:
-        from orchestration.workflow_config import WorkflowConfig
-
-        cs.store(name="workflow_schema", node=WorkflowConfig)
-    except ImportError:
-        pass
+    cs.store(name="workflow_schema", node=WorkflowConfig)
     _REGISTERED = True
 
 

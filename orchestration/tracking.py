@@ -18,6 +18,9 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 KIND, WORKFLOW_KEY, STEP, STEP_KEY, PARENT = "atoken.kind", "atoken.workflow_key", "atoken.step", "atoken.step_key", "mlflow.parentRunId"
+NOTE = "mlflow.note.content"  # the run description the MLflow UI shows and edits
+# MLflow 3.x's UI opens an experiment on its GenAI overview unless the experiment says it is a training one
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -43,9 +46,11 @@ class Step:
 class Tracker:
     def __init__(self, tracking_uri: str, experiment: str, workflow_key: str, artifact_location: str | None = None):
         mlflow.set_tracking_uri(tracking_uri)
+        self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment, artifact_location)
+        self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
         found = self.client.search_runs([self.experiment_id], f"tags.`{KIND}` = 'workflow' and tags.`{WORKFLOW_KEY}` = '{workflow_key}'",
                                         max_results=1, order_by=["attributes.start_time DESC"])
         if found:
@@ -55,7 +60,7 @@ class Tracker:
             self.parent = self.client.create_run(self.experiment_id, tags={KIND: "workflow", WORKFLOW_KEY: workflow_key},
                                                  run_name=f"workflow-{workflow_key[:8]}").info.run_id
 
-    def start_step(self, name: str, key: str, config: dict, tags: dict[str, str]) -> Step:
+    def start_step(self, name: str, key: str, config: dict, tags: dict[str, str], description: str = "") -> Step:
         runs = self.client.search_runs([self.experiment_id], f"tags.`{PARENT}` = '{self.parent}' and tags.`{STEP}` = '{name}' "
                                        f"and tags.`{STEP_KEY}` = '{key}'", order_by=["attributes.start_time DESC"])
         for r in runs:
@@ -66,7 +71,8 @@ class Tracker:
             if r.info.status == "RUNNING":
                 self.client.set_terminated(r.info.run_id, status="KILLED")
         run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={PARENT: self.parent, STEP: name, STEP_KEY: key, KIND: "step", **tags})
+                                     tags={PARENT: self.parent, STEP: name, STEP_KEY: key, KIND: "step", NOTE: description,
+                                           **tags})
         rid = run.info.run_id
         params = flatten(config)
         items = list(params.items())
@@ -97,7 +103,23 @@ class Tracker:
         elif os.path.exists(path):
             self.client.log_artifact(step.run_id, path, sub)
 
-    def finish(self, step: Step, status: str = "FINISHED") -> None:
+    def params(self, step: Step, params: dict) -> None:
+        items = [mlflow.entities.Param(k[:250], str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(step.run_id, params=items[i:i + 100])
+
+    def images(self, step: Step, directory: str, stage: str) -> None:
+        """Each picture as an MLflow image (key = picture name, step = stage number), so the UI's image
+        panel compares the stages' pictures side by side."""
+        from PIL import Image
+
+        n = int("".join(c for c in stage if c.isdigit()) or 0)
+        for p in sorted(Path(directory).glob("*.png")):
+            self.client.log_image(step.run_id, Image.open(p).convert("RGB"), key=p.stem, step=n)
+
+    def finish(self, step: Step, status: str = "FINISHED", description: str | None = None) -> None:
+        if description is not None:
+            self.client.set_tag(step.run_id, NOTE, description)
         self.client.set_terminated(step.run_id, status=status)
 
     def finish_workflow(self, status: str = "FINISHED") -> None:
@@ -164,3 +186,114 @@ def rollback(client: MlflowClient, model: str, alias: str) -> str:
     client.set_registered_model_alias(model, alias, prev)
     client.set_registered_model_tag(model, f"alias_history.{alias}", json.dumps(hist))
     return prev
+
+
+# ------------------------------------------------------------------------------------- live metrics
+
+try:
+    from ray.train import UserCallback as _UserCallback
+except ImportError:  # pragma: no cover - Ray Train V2 is the pinned default
+    _UserCallback = object
+
+
+class LiveMetrics(_UserCallback):
+    """A Ray Train callback (run by the Train controller, driver side) that logs every report of a
+    running stage to its MLflow step run as it arrives: losses, throughput, step-time breakdown."""
+
+    def __init__(self, tracking_uri: str, run_id: str, steps: int):
+        self.tracking_uri, self.run_id, self.steps = tracking_uri, run_id, steps
+        self._client = None
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        if not metrics:
+            return
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        m = metrics[0]  # rank 0's window (throughputs in it are totals over the ranks)
+        step = int(m.get("step", 0))
+        now = int(time.time() * 1000)
+        batch = [mlflow.entities.Metric(f"train.{k}".replace("/", "."), float(v), now, step)
+                 for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and v == v]
+        batch.append(mlflow.entities.Metric("train.progress", step / max(self.steps, 1), now, step))
+        for i in range(0, len(batch), 500):
+            self._client.log_batch(self.run_id, metrics=batch[i:i + 500])
+
+
+def describe_version(stage: int, m: dict) -> str:
+    """Markdown lines of a stage's key metrics beside their baselines."""
+    from orchestration.gates import image_datasets, image_floor, video_floor
+
+    lines = []
+    for ds in image_datasets(m):
+        name, floor = image_floor(m, ds)
+        lines.append(f"- images ({ds}, {int(m.get(f'image/{ds}/count', 0))}): PSNR {m[f'image/{ds}/psnr']:.2f} dB, "
+                     f"{name} {floor:.2f}, mean colour {m.get(f'image/{ds}/mean_colour_psnr', float('nan')):.2f}; "
+                     f"SSIM {m.get(f'image/{ds}/ssim', float('nan')):.3f} (PCA {m.get(f'image/{ds}/pca_ssim', float('nan')):.3f})")
+    if "video/psnr" in m:
+        name, floor = video_floor(m)
+        lines.append(f"- video ({int(m.get('video/count', 0))}): PSNR {m['video/psnr']:.2f} dB, {name} {floor:.2f}, "
+                     f"mean colour {m.get('video/mean_colour_psnr', float('nan')):.2f}")
+    if "3d/psnr" in m:
+        lines.append(f"- 3D held-out view: PSNR {m['3d/psnr']:.2f} dB, background-only render {m['3d/background_psnr']:.2f}")
+    und = [f"{k.split('/')[1]} {m[k]:.3f}" for k in sorted(m) if k.startswith("und/") and k.endswith(("acc", "r1", "r5"))]
+    if und:
+        lines.append("- understanding: " + ", ".join(und))
+    return "\n".join(lines)
+
+
+def _running_progress(client: MlflowClient, run) -> str:
+    """`step s/N, loss ..., tokens/s, ETA` of a running training step, from its live metrics."""
+    m = run.data.metrics
+    if "train.steps_total" not in m:
+        return "starting"
+    step, total = int(m.get("train.progress", 0) * m["train.steps_total"] + 0.5), int(m["train.steps_total"])
+    losses = {k: v for k, v in m.items() if k.startswith("train.loss.") and k.endswith(".total")}
+    loss = "  ".join(f"{k.split('.')[2]} {v:.4f}" for k, v in sorted(losses.items()))
+    hist = client.get_metric_history(run.info.run_id, "train.progress")
+    eta = ""
+    if len(hist) >= 2:
+        hist = sorted(hist, key=lambda x: x.timestamp)
+        first, last = hist[0], hist[-1]
+        rate = (last.value - first.value) / max((last.timestamp - first.timestamp) / 1000, 1e-6)
+        if rate > 0:
+            eta = f", ETA {max(0.0, (1 - last.value) / rate):.0f} s"
+    return f"step {step}/{total}, {m.get('train.tokens_per_s', 0):.0f} tokens/s{eta}; {loss}"
+
+
+def workflow_status(tracking_uri: str, experiment: str, registered_model: str) -> str:
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return f"no workflow named {experiment!r} in {tracking_uri}"
+    parents = client.search_runs([exp.experiment_id], f"tags.`{KIND}` = 'workflow'", order_by=["attributes.start_time DESC"],
+                                 max_results=1)
+    if not parents:
+        return "no workflow runs yet"
+    p = parents[0]
+    steps = client.search_runs([exp.experiment_id], f"tags.`{PARENT}` = '{p.info.run_id}'", order_by=["attributes.start_time ASC"])
+    lines = [f"workflow {experiment} run {p.info.run_id} [{p.info.status}]  (MLflow {tracking_uri})"]
+    latest: dict[str, object] = {}
+    for s in steps:  # the newest attempt of each step
+        latest[s.data.tags.get(STEP, s.info.run_name)] = s
+    for name, s in latest.items():
+        m, t = s.data.metrics, s.data.tags
+        detail = ""
+        if name.endswith(".train"):
+            detail = (_running_progress(client, s) if s.info.status == "RUNNING" else
+                      f"v{t.get('output.version', '?')}, {m.get('train.tokens_per_s', 0):.0f} tokens/s")
+        elif name.endswith(".eval"):
+            keys = [k for k in m if k.endswith("/psnr") or k.endswith(".psnr")]
+            detail = ", ".join(f"{k[5:]} {m[k]:.2f}" for k in sorted(keys)[:4])
+        elif name.endswith(".promote"):
+            fails = json.loads(t.get("output.gate_failures", "[]"))
+            detail = "pass" if t.get("output.passed") == "True" else ("; ".join(fails) or "")
+        lines.append(f"  {name:<16} {s.info.status:<9} {detail}")
+        if s.info.status == "RUNNING" and t.get("atoken.log_dir"):
+            lines.append(f"  {'':<16} logs: {t['atoken.log_dir']}")
+    try:
+        rm = client.get_registered_model(registered_model)
+        aliases = sorted((a, v) for a, v in (rm.aliases or {}).items())
+        lines.append("aliases: " + ", ".join(f"{a}->v{v}" for a, v in aliases))
+    except Exception:
+        lines.append("aliases: (no registered model yet)")
+    return "\n".join(lines)

@@ -1,80 +1,56 @@
-"""The curriculum workflow: ingest -> stage 1 -> eval -> promote -> ... -> stage 4, as MLflow steps.
+"""The curriculum workflow: ingest, then per stage train -> eval -> promote, each an MLflow step.
 
-Every step is a child run of one workflow run with a step key; a rerun skips finished steps, and an
-interrupted stage resumes from its last checkpoint. Each stage registers a model version (alias
-`stageN-candidate`); `stageN` and `champion` move only when the stage's gates pass. Stage N+1 starts
-from the exact version stage N promoted, recorded in its run.
+Every step is a child run of one workflow run, keyed by exactly what it depends on:
+  ingest          the ingest config and the manifest's bytes
+  stageN.train    the stage's resolved training config, the shard index, the version it starts from
+  stageN.eval     the eval config and the model version it measures
+  stageN.promote  the gates, its evaluation, and the previous stage's evaluation (for the drop gates)
+A rerun skips steps whose key already finished, so changing a training knob retrains that stage and
+everything after it, changing a gate or an eval setting re-decides promotion without retraining, and an
+unchanged rerun does nothing. An interrupted stage resumes from its last checkpoint. Each stage registers
+a model version (alias `stageN-candidate`); `stageN` and `champion` move only when its gates pass, and
+stage N+1 starts from the exact version stage N promoted.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
 from pathlib import Path
 
-from orchestration.tracking import Tracker, promote, register_version
-from orchestration.workflow_config import Gates, StageSpec, WorkflowConfig
+from orchestration.gates import check_gates, image_datasets, image_floor, video_floor
+from orchestration.ray_env import ensure_ray
+from orchestration.tracking import LiveMetrics, Tracker, describe_version, promote, register_version
+from orchestration.workflow_config import WorkflowConfig
+from pipelines.ingest import run_ingest
+from pipelines.shards import code_version, read_index
 from preprocess import storage
+from preprocess.sample_corpus import CorpusConfig, build_corpus
+from trainers.config import TrainConfig
+from trainers.evaluate import evaluate
+from trainers.stage import run_stage
+
+log = logging.getLogger("atoken.workflow")
 
 
 class GateFailed(RuntimeError):
     pass
 
 
-def _key(*parts) -> str:
+def step_key(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _log(msg: str) -> None:
-    print(f"[workflow] {msg}", flush=True)
-
-
-def check_gates(g: Gates, metrics: dict, previous: dict | None) -> list[str]:
-    """Failures as 'gate: value vs threshold (by how much)'; empty when every gate passes."""
-    fails = []
-    psnr = metrics.get("image_psnr")
-    if g.min_image_psnr is not None and psnr is not None and psnr < g.min_image_psnr:
-        fails.append(f"min_image_psnr: image_psnr {psnr:.2f} dB < {g.min_image_psnr:.2f} (short by {g.min_image_psnr - psnr:.2f})")
-    if g.max_image_psnr_drop is not None and previous and psnr is not None and previous.get("image_psnr") is not None:
-        drop = previous["image_psnr"] - psnr
-        if drop > g.max_image_psnr_drop:
-            fails.append(f"max_image_psnr_drop: dropped {drop:.2f} dB from {previous['image_psnr']:.2f} "
-                         f"(limit {g.max_image_psnr_drop:.2f}, over by {drop - g.max_image_psnr_drop:.2f})")
-    for key, limit in (("video_psnr", g.min_video_psnr), ("3d_psnr", g.min_3d_psnr)):
-        v = metrics.get(key)
-        if limit is not None and v is not None and v < limit:
-            fails.append(f"min_{key}: {key} {v:.2f} dB < {limit:.2f} (short by {limit - v:.2f})")
-    if g.beat_pca_floor and psnr is not None and metrics.get("pca_floor_psnr") is not None and psnr <= metrics["pca_floor_psnr"]:
-        fails.append(f"beat_pca_floor: image_psnr {psnr:.2f} <= PCA floor {metrics['pca_floor_psnr']:.2f} "
-                     f"(short by {metrics['pca_floor_psnr'] - psnr:.2f})")
-    return fails
-
-
-def _stage_config(cfg: WorkflowConfig, spec: StageSpec, shards: str, storage_root: str, init_from: str, key: str):
-    from trainers.config import StageConfig
-
-    c = StageConfig(stage=spec.stage, steps=spec.steps)
-    c.model.preset, c.model.latent_channels, c.model.fsq = cfg.model.preset, spec.latent_channels, spec.fsq
-    c.model.init_from = init_from
-    if not init_from and cfg.model.init_official:
-        c.model.init_official, c.model.official_variant = cfg.model.init_official, cfg.model.official_variant
-    elif not init_from and cfg.model.siglip2_path:
-        c.model.siglip2_path = cfg.model.siglip2_path
-    c.data.shards, c.data.ratios = shards, dict(spec.ratios)
-    c.data.token_budget, c.data.max_tokens_per_sample = cfg.curriculum.token_budget, cfg.curriculum.max_tokens_per_sample
-    c.optim.lr, c.optim.warmup_steps = cfg.curriculum.lr, cfg.curriculum.warmup_steps
-    c.losses.feature_resolution = cfg.curriculum.feature_resolution
-    c.scaling.num_workers, c.scaling.use_gpu = cfg.cluster.num_workers, cfg.cluster.use_gpu
-    c.scaling.cpus_per_worker, c.scaling.gpus_per_worker = cfg.cluster.cpus_per_worker, cfg.cluster.gpus_per_worker
-    c.scaling.custom_resources = dict(cfg.cluster.train_resources)
-    c.scaling.zero_persistence_threshold = cfg.cluster.zero_persistence_threshold
-    c.run.storage, c.run.name = storage.join(storage_root, "runs"), f"stage{spec.stage}-{key[:10]}"
-    c.run.checkpoint_every = cfg.curriculum.checkpoint_every
-    c.run.report_every = max(1, min(cfg.curriculum.checkpoint_every, spec.steps))
-    return c.validate()
+def train_key(tc: TrainConfig, index_digest: str, init_version: str | None) -> str:
+    """The hash of a stage's resolved training config and its inputs' versions. The fields the workflow
+    derives from those inputs (shard folder, run folder, start export) are represented by the inputs."""
+    d = dataclasses.asdict(tc)
+    d["data"]["shards"], d["run"]["name"], d["model"]["init_from"] = "", "", ""
+    return step_key("train", d, index_digest, init_version)
 
 
 def _local_copy(uri: str) -> str:
@@ -88,47 +64,39 @@ def _local_copy(uri: str) -> str:
     return d
 
 
-def run_workflow(cfg: WorkflowConfig) -> dict:
-    from orchestration.hydra_config import load
-    from orchestration.ray_env import ensure_ray
-    from pipelines.ingest import run_ingest
-    from pipelines.shards import read_index
-    from preprocess.sample_corpus import CorpusConfig, build_corpus
-    from trainers.evaluate import evaluate
-    from trainers.stage import run_stage
+def _numbers(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
+
+def run_workflow(cfg: WorkflowConfig) -> dict:
     cfg.validate()
     t0 = time.time()
     work = Path(cfg.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     storage_root = cfg.cluster.storage or str(work / "storage")
     tracking = cfg.resolved_tracking_uri()
-    ensure_ray(cfg.cluster.ray_address or None, cfg.cluster.num_cpus or None)
+    ensure_ray(cfg.cluster.ray_address or None, cfg.cluster.num_cpus or None, verbose=cfg.verbose, log_dir=work / "logs")
     import ray
 
     ray_job = os.environ.get("RAY_JOB_ID") or ray.get_runtime_context().get_job_id()
-    from pipelines.shards import code_version
-
     tags = {"atoken.code_version": code_version(), "atoken.ray_job_id": str(ray_job)}
-    wf_key = _key(cfg.name, dataclasses.asdict(cfg.data), dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.curriculum),
-                  storage_root, cfg.registered_model)
+    wf_key = step_key(cfg.name, cfg.registered_model, storage_root)
     tracker = Tracker(tracking, cfg.name, wf_key, artifact_location=(work / "mlartifacts").as_uri() if tracking.startswith("sqlite:") else None)
     client, model_name = tracker.client, cfg.registered_model
-    _log(f"workflow {cfg.name} (key {wf_key}); MLflow {tracking}; storage {storage_root}")
+    log.info("workflow %s: MLflow %s; storage %s", cfg.name, tracking, storage_root)
 
     # ---------------------------------------------------------------- ingest
     manifest = cfg.data.input or str(build_corpus(work / "samples", CorpusConfig(
         digits_per_class=cfg.data.digits_per_class, gaussians_per_asset=cfg.data.gaussians_per_asset)))
     shards = storage.join(storage_root, "shards")
-    icfg = load("ingest", [f"input={manifest}", f"output={shards}", *cfg.data.ingest_overrides])
-    icfg.resources.task_resources = dict(cfg.cluster.ingest_resources)
-    icfg.validate()
-    manifest_digest = hashlib.sha1(storage.read_bytes(manifest)).hexdigest() if manifest.endswith((".jsonl", ".csv", ".parquet")) else manifest
-    step = tracker.start_step("ingest", _key(dataclasses.asdict(icfg), manifest_digest), dataclasses.asdict(icfg), tags)
+    icfg = dataclasses.replace(cfg.ingest, input=manifest, output=shards).validate()
+    digest = hashlib.sha1(storage.read_bytes(manifest)).hexdigest() if manifest.endswith((".jsonl", ".csv", ".parquet")) else manifest
+    step = tracker.start_step("ingest", step_key("ingest", dataclasses.asdict(icfg), digest), dataclasses.asdict(icfg), tags,
+                              description=f"Ray Data ingestion of {manifest} into Arrow shards at {shards}")
     if step.skipped:
-        _log(f"ingest: finished earlier (run {step.run_id}); skipped")
+        log.info("ingest: finished earlier (run %s); skipped", step.run_id)
     else:
-        _log(f"ingest: {manifest} -> {shards}")
+        log.info("ingest: %s -> %s", manifest, shards)
         summary = run_ingest(icfg)
         tracker.metrics(step, {"samples_written": summary["samples_written"], "rejected": summary["rejected"],
                                "frames_per_s": summary["frames_per_s"] or 0, "wall_s": summary["wall_s"]})
@@ -137,121 +105,160 @@ def run_workflow(cfg: WorkflowConfig) -> dict:
                 Path(d, f).write_bytes(storage.read_bytes(storage.join(shards, f)))
                 tracker.artifact(step, str(Path(d, f)), "ingest")
         tracker.outputs(step, {"shards": shards, "rows": summary["samples_written"]})
-        tracker.finish(step)
+        tracker.finish(step, description=f"{summary['samples_written']} samples written, {summary['rejected']} rejected "
+                                         f"(quarantine: {summary['quarantine']}), {summary['wall_s']} s")
+        log.info("ingest: %d samples written, %d rejected (%s s)", summary["samples_written"], summary["rejected"], summary["wall_s"])
     index_digest = hashlib.sha1(json.dumps(read_index(shards)["shards"], sort_keys=True).encode()).hexdigest()[:16]
 
     # ---------------------------------------------------------------- stages
-    rows, previous_metrics, init_version, init_export = [], None, None, ""
-    for spec in cfg.curriculum.stages:
-        if spec.stage > cfg.stop_after:
-            break
-        if spec.stage < cfg.start_stage:
-            continue
+    rows, previous, prev_eval_key, init_version, init_export = [], None, None, None, ""
+    for i, spec in enumerate(cfg.curriculum.stages):
         n = spec.stage
-        key = _key(dataclasses.asdict(spec), dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.curriculum.gates),
-                   cfg.curriculum.token_budget, cfg.curriculum.lr, index_digest, init_version)
-        scfg = _stage_config(cfg, spec, shards, storage_root, init_export, key)
-        step = tracker.start_step(f"stage{n}", key, dataclasses.asdict(scfg),
-                                  {**tags, "atoken.stage": str(n), "atoken.init_version": str(init_version)})
-        if step.skipped:
-            _log(f"stage {n}: finished earlier (run {step.run_id}); skipped")
-            out = step.outputs
-            version, metrics = out["version"], json.loads(out["metrics"])
-            gate_fails = json.loads(out.get("gate_failures", "[]"))
-        else:
-            start = (init_export or (f"official checkpoint {scfg.model.init_official} ({scfg.model.official_variant})"
-                                     if scfg.model.init_official else "fresh init"))
-            _log(f"stage {n}: training {spec.steps} steps from {start} ({scfg.run.name})")
-            res = run_stage(scfg)
-            hist_uri = storage.join(scfg.run.storage, scfg.run.name, "metrics.jsonl")
-            if storage.exists(hist_uri):
-                for line in storage.read_bytes(hist_uri).decode().splitlines():
-                    if line.strip():
-                        m = json.loads(line)
-                        tracker.metrics(step, {f"train.{k}": v for k, v in m.items() if k != "step"}, at=int(m["step"]))
-            eval_dir = str(work / "eval" / f"stage{n}-{key[:10]}")
-            metrics = evaluate(res.export, shards, eval_dir, max_items=cfg.curriculum.eval_items)
-            tracker.metrics(step, {f"eval.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, at=spec.steps)
-            tracker.artifact(step, eval_dir, "eval")
-            export_local = _local_copy(res.export)
-            version = register_version(tracker, step, model_name, export_local, {
-                "stage": n, "export": res.export, "checkpoint": res.checkpoint, "shard_index": storage.join(shards, "index.json"),
-                "init_version": init_version, **{f"metric.{k}": round(v, 4) for k, v in metrics.items() if isinstance(v, float)}})
-            promote(client, model_name, version, f"stage{n}-candidate")
-            gate_fails = check_gates(cfg.curriculum.gates, metrics, previous_metrics)
-            if not gate_fails:
-                promote(client, model_name, version, f"stage{n}")
-                promote(client, model_name, version, "champion")
-            _log(f"stage {n}: registered {model_name} version {version} (image PSNR {metrics.get('image_psnr', float('nan')):.2f} dB, "
-                 f"PCA floor {metrics.get('pca_floor_psnr', float('nan')):.2f}); gates {'pass' if not gate_fails else 'FAIL'}")
-            tracker.outputs(step, {"version": version, "export": res.export, "checkpoint": res.checkpoint,
-                                   "metrics": json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}),
-                                   "gate_failures": json.dumps(gate_fails), "eval_dir": eval_dir,
-                                   "resumed_from_step": res.resumed_from_step})
-            tracker.finish(step)
-        rows.append({"stage": n, "version": version, "metrics": metrics, "gates": "pass" if not gate_fails else "FAIL"})
-        if gate_fails:
-            report = "\n  ".join(gate_fails)
-            _log(f"stage {n}: gates failed; aliases stage{n} and champion not moved:\n  {report}")
+        if n > cfg.stop_after:
+            break
+        if n < cfg.start_stage:
+            continue
+        tc = cfg.stage_train_config(i)
+        if init_export:
+            tc.model.init_from, tc.model.init_official, tc.model.siglip2_path = init_export, "", ""
+        key = train_key(tc, index_digest, init_version)
+        tc.data.shards, tc.run.storage, tc.run.name = shards, storage.join(storage_root, "runs"), f"stage{n}-{key[:10]}"
+        tc.validate()
+        version, export = _train_step(tracker, tc, key, init_version, tags, model_name)
+        metrics, eval_key, eval_dir = _eval_step(tracker, cfg, n, version, key, export, shards, work, tags, model_name)
+        fails = _promote_step(tracker, cfg, n, version, eval_key, prev_eval_key, metrics, previous, tc.tasks, tags, model_name)
+        rows.append({"stage": n, "version": version, "metrics": metrics, "gates": "pass" if not fails else "FAIL",
+                     "eval_dir": eval_dir})
+        if fails:
+            report = "\n  ".join(fails)
+            log.error("stage %d: gates failed; aliases stage%d and champion not moved:\n  %s", n, n, report)
             tracker.finish_workflow("FAILED")
             _with_aliases(rows, client, model_name)
-            _print_summary(rows, work, time.time() - t0)
+            print_summary(rows, work, tracking, time.time() - t0)
             raise GateFailed(f"stage {n} (version {version}) failed its gates:\n  {report}")
-        previous_metrics, init_version = metrics, version
-        init_export = client.get_model_version(model_name, version).tags["export"]
+        previous, prev_eval_key, init_version, init_export = metrics, eval_key, version, export
     tracker.finish_workflow()
     _with_aliases(rows, client, model_name)
     summary = {"rows": rows, "wall_s": round(time.time() - t0, 1), "tracking_uri": tracking, "work_dir": str(work)}
-    _print_summary(rows, work, summary["wall_s"])
+    print_summary(rows, work, tracking, summary["wall_s"])
     return summary
 
 
+def _train_step(tracker: Tracker, tc: TrainConfig, key: str, init_version: str | None, tags: dict, model_name: str):
+    n = tc.stage
+    start = (tc.model.init_from or (f"official checkpoint {tc.model.init_official} ({tc.model.official_variant})"
+                                    if tc.model.init_official else f"a fresh {tc.model.preset} model"))
+    step = tracker.start_step(f"stage{n}.train", key, dataclasses.asdict(tc),
+                              {**tags, "atoken.stage": str(n), "atoken.init_version": str(init_version)},
+                              description=f"Stage {n}: {tc.steps} steps of {', '.join(tc.tasks)} from {start}.")
+    if step.skipped:
+        log.info("stage %d train: finished earlier (run %s, version %s); skipped", n, step.run_id, step.outputs["version"])
+        return step.outputs["version"], step.outputs["export"]
+    log.info("stage %d train: %d steps of %s from %s (%s)", n, tc.steps, "+".join(tc.tasks), start, tc.run.name)
+    res = run_stage(tc, callbacks=[LiveMetrics(tracker.tracking_uri, step.run_id, tc.steps)])
+    tracker.params(step, {f"start.{k}": v for k, v in _flat(res.start).items()})
+    version = register_version(tracker, step, model_name, _local_copy(res.export), {
+        "stage": n, "export": res.export, "checkpoint": res.checkpoint, "init_version": init_version})
+    promote(tracker.client, model_name, version, f"stage{n}-candidate")
+    tracker.outputs(step, {"version": version, "export": res.export, "checkpoint": res.checkpoint,
+                           "resumed_from_step": res.resumed_from_step})
+    last = res.metrics
+    tracker.finish(step, description=f"Stage {n}: {tc.steps} steps of {', '.join(tc.tasks)} from {start}; registered "
+                                     f"{model_name} v{version}. Last report: {last.get('tokens_per_s', 0):.0f} tokens/s, "
+                                     f"data wait {100 * last.get('data_wait_fraction', 0):.1f}%, {res.wall_s} s.")
+    log.info("stage %d train: done in %.0f s; registered %s version %s", n, res.wall_s, model_name, version)
+    return version, res.export
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _eval_step(tracker, cfg: WorkflowConfig, n: int, version: str, train_key_: str, export: str, shards: str,
+               work: Path, tags: dict, model_name: str):
+    key = step_key("eval", dataclasses.asdict(cfg.eval), train_key_, version)
+    eval_dir = str(work / "eval" / f"stage{n}-{key[:10]}")
+    step = tracker.start_step(f"stage{n}.eval", key, dataclasses.asdict(cfg.eval), {**tags, "atoken.stage": str(n)},
+                              description=f"Evaluation of {model_name} v{version} on the eval split.")
+    if step.skipped:
+        log.info("stage %d eval: finished earlier (run %s); skipped", n, step.run_id)
+        return json.loads(step.outputs["metrics"]), key, step.outputs["eval_dir"]
+    log.info("stage %d eval: %s v%s", n, model_name, version)
+    metrics = evaluate(export, shards, eval_dir, cfg.eval)
+    nums = _numbers(metrics)
+    tracker.metrics(step, {f"eval.{k}": v for k, v in nums.items()})
+    tracker.images(step, eval_dir, f"stage{n}")
+    tracker.artifact(step, str(Path(eval_dir, "eval.json")), "eval")
+    text = describe_version(n, nums)
+    describe = f"Stage {n} evaluation of v{version}.\n\n{text}"
+    tracker.client.update_model_version(model_name, version, description=describe)
+    for k, v in nums.items():
+        tracker.client.set_model_version_tag(model_name, version, f"metric.{k}", f"{v:.4g}")
+    tracker.outputs(step, {"metrics": json.dumps(nums), "eval_dir": eval_dir})
+    tracker.finish(step, description=describe)
+    log.info("stage %d eval: %s", n, text.splitlines()[0] if text else "done")
+    return nums, key, eval_dir
+
+
+def _promote_step(tracker, cfg: WorkflowConfig, n: int, version: str, eval_key: str, prev_eval_key: str | None,
+                  metrics: dict, previous: dict | None, tasks: list[str], tags: dict, model_name: str) -> list[str]:
+    g = cfg.curriculum.gates
+    key = step_key("promote", dataclasses.asdict(g), eval_key, prev_eval_key)
+    step = tracker.start_step(f"stage{n}.promote", key, dataclasses.asdict(g), {**tags, "atoken.stage": str(n)},
+                              description=f"Gates of stage {n} for {model_name} v{version}.")
+    if step.skipped:
+        fails = json.loads(step.outputs.get("gate_failures", "[]"))
+        log.info("stage %d promote: decided earlier (run %s): %s; skipped", n, step.run_id, "pass" if not fails else "FAIL")
+        return fails
+    fails = check_gates(g, metrics, previous, tasks)
+    if not fails:
+        promote(tracker.client, model_name, version, f"stage{n}")
+        promote(tracker.client, model_name, version, "champion")
+    tracker.outputs(step, {"version": version, "passed": not fails, "gate_failures": json.dumps(fails)})
+    verdict = (f"All gates passed: {model_name}@stage{n} and @champion -> v{version}." if not fails else
+               "Not promoted; failed gates:\n" + "\n".join(f"- {f}" for f in fails))
+    tracker.finish(step, description=verdict)
+    log.info("stage %d promote: %s", n, "gates pass; champion -> v" + version if not fails else "gates FAIL")
+    return fails
+
+
 def _with_aliases(rows: list[dict], client, model: str) -> None:
-    """Each row's aliases as the registry holds them at the end (read when the stage finished, every
-    promoted version still showed `champion`)."""
+    """Each row's aliases as the registry holds them at the end."""
     for r in rows:
         mv = client.get_model_version(model, r["version"])
         r["aliases"] = sorted(getattr(mv, "aliases", []) or [])
 
 
-def _print_summary(rows: list[dict], work: Path, wall: float) -> None:
-    head = f"{'stage':<6}{'version':<9}{'img PSNR':>9}{'PCA floor':>10}{'img SSIM':>9}{'vid PSNR':>9}{'3D PSNR':>8}{'0-shot':>7}{'R@1 t2v':>8}  {'gates':<6}aliases"
+def summary_table(rows: list[dict]) -> list[str]:
+    f = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+    head = f"{'stage':<6}{'ver':<5}{'images: PSNR / floor (dataset)':<44}{'video / floor':>15}{'3D / bg':>14}{'probe':>7}  {'gates':<6}aliases"
     lines = [head]
-    f = lambda m, k: f"{m[k]:.2f}" if isinstance(m.get(k), (int, float)) else "-"  # noqa: E731
     for r in rows:
         m = r["metrics"]
-        lines.append(f"{r['stage']:<6}{r['version']:<9}{f(m, 'image_psnr'):>9}{f(m, 'pca_floor_psnr'):>10}{f(m, 'image_ssim'):>9}"
-                     f"{f(m, 'video_psnr'):>9}{f(m, '3d_psnr'):>8}{f(m, 'zero_shot_acc'):>7}{f(m, 'retrieval_t2v_r1'):>8}  "
-                     f"{r['gates']:<6}{','.join(r['aliases'])}")
-    lines.append(f"pictures: {work / 'eval'}/<stage>/*.png   MLflow UI: mlflow ui --backend-store-uri sqlite:///{work / 'mlflow.db'}"
-                 f"   wall {wall:.0f} s")
+        imgs = "  ".join(f"{f(m[f'image/{d}/psnr'])}/{f(image_floor(m, d)[1])} {d}" for d in image_datasets(m))
+        vid = f"{f(m.get('video/psnr'))}/{f(video_floor(m)[1])}"
+        threed = f"{f(m.get('3d/psnr'))}/{f(m.get('3d/background_psnr'))}"
+        lines.append(f"{r['stage']:<6}{r['version']:<5}{imgs:<44}{vid:>15}{threed:>14}{f(m.get('und/linear_probe_acc')):>7}  "
+                     f"{r['gates']:<6}{','.join(r.get('aliases', []))}")
+    return lines
+
+
+def print_summary(rows: list[dict], work: Path, tracking: str, wall: float) -> None:
+    lines = summary_table(rows)
+    ui = (f"mlflow ui --backend-store-uri {tracking}" if tracking.startswith("sqlite:") else tracking)
+    lines.append(f"pictures: {work / 'eval'}/<stage>/*.png   logs: {work / 'logs'}   MLflow: {ui}   wall {wall:.0f} s")
     print("\n".join(lines), flush=True)
 
 
 def status(cfg: WorkflowConfig) -> str:
-    """The workflow's steps with state, key metrics, versions and aliases."""
-    from mlflow.tracking import MlflowClient
+    """The workflow's steps with state, key metrics, versions and aliases; a running stage's progress."""
+    from orchestration.tracking import workflow_status
 
-    tracking = cfg.resolved_tracking_uri()
-    client = MlflowClient(tracking)
-    exp = client.get_experiment_by_name(cfg.name)
-    if exp is None:
-        return f"no workflow named {cfg.name!r} in {tracking}"
-    parents = client.search_runs([exp.experiment_id], "tags.`atoken.kind` = 'workflow'", order_by=["attributes.start_time DESC"], max_results=1)
-    if not parents:
-        return "no workflow runs yet"
-    p = parents[0]
-    steps = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{p.info.run_id}'", order_by=["attributes.start_time ASC"])
-    lines = [f"workflow run {p.info.run_id} [{p.info.status}]"]
-    for s in steps:
-        m = s.data.metrics
-        key = ", ".join(f"{k[5:]}={m[k]:.2f}" for k in ("eval.image_psnr", "eval.pca_floor_psnr", "eval.video_psnr", "eval.3d_psnr") if k in m)
-        v = s.data.tags.get("output.version", "")
-        lines.append(f"  {s.data.tags.get('atoken.step', s.info.run_name):<8} {s.info.status:<9} {('v' + v) if v else '':<5} {key}")
-    try:
-        rm = client.get_registered_model(cfg.registered_model)
-        aliases = sorted((a, v) for a, v in (rm.aliases or {}).items())
-        lines.append("aliases: " + ", ".join(f"{a}->v{v}" for a, v in aliases))
-    except Exception:
-        lines.append("aliases: (no registered model yet)")
-    return "\n".join(lines)
+    return workflow_status(cfg.resolved_tracking_uri(), cfg.name, cfg.registered_model)
+

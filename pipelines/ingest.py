@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections import Counter
 
@@ -21,8 +22,11 @@ from pipelines.specs import expand_item, partition
 from preprocess import storage
 
 
+log = logging.getLogger("atoken.ingest")
+
+
 def _log(msg: str) -> None:
-    print(f"[ingest] {msg}", flush=True)
+    log.info(msg)
 
 
 def run_ingest(cfg: IngestConfig) -> dict:
@@ -136,4 +140,4 @@ def _print_summary(s: dict) -> None:
         lines.append(f"{m:<9} {v['items_in']:>9} {v['samples_written']:>9} {v['rejected']:>9}")
     lines.append(f"shards {s['shards']} ({s['shards_written_this_run']} this run), {s['mb_written_this_run']} MB, "
                  f"{s['frames_per_s']} frames/s, {s['wall_s']} s; rejected: {s['rejected']} (see {s['quarantine']})")
-    print("\n".join(lines), flush=True)
+    log.info("\n".join(lines))

@@ -1,4 +1,4 @@
-"""Input listing: a manifest (JSONL, CSV or Parquet: uri, optional id, modality, caption, label, split)
+"""Input listing: a manifest (JSONL, CSV or Parquet: uri, optional id, modality, caption, label, split, dataset)
 or a folder / bucket prefix. Relative manifest URIs resolve against the manifest's folder. Modality comes
 from the manifest, else the extension, else the file's magic bytes."""
 from __future__ import annotations
@@ -29,6 +29,7 @@ class Item:
     caption: str
     label: str | None
     split: str
+    dataset: str = ""  # the collection an item belongs to (mixing, per-dataset evaluation)
 
 
 def modality_from_extension(uri: str) -> str | None:
@@ -92,7 +93,7 @@ def load_items(source: str, default_split: str = "train") -> list[Item]:
             label = row.get("label")
             items.append(Item(str(row.get("id") or _default_id(uri)), uri, modality, str(row.get("caption") or ""),
                               None if label is None or label != label else str(label),  # NaN from CSV
-                              str(row.get("split") or default_split)))
+                              str(row.get("split") or default_split), str(row.get("dataset") or "")))
     else:
         prefix = source.rstrip("/")
         for uri in storage.list_files(prefix):

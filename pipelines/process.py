@@ -23,7 +23,7 @@ from preprocess.video import ClipReader
 
 def _base_row(spec: dict) -> dict:
     return {"sample_id": spec["sample_id"], "item_id": spec["item_id"], "uri": spec["uri"], "modality": spec["modality"],
-            "split": spec["split"], "caption": spec["caption"], "label": spec["label"],
+            "split": spec["split"], "caption": spec["caption"], "label": spec["label"], "dataset": spec.get("dataset", ""),
             "clip_index": spec.get("clip_index", 0), "frame_indices": spec.get("frame_indices"), "fps": spec.get("fps")}
 
 

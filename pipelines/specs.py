@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pipelines.config import IngestConfig
 from pipelines.manifest import modality_from_extension, sniff_modality
 from preprocess import storage
+from preprocess.schema import SCHEMA_VERSION
 from preprocess.video import clip_specs, probe, target_size
 
 
@@ -57,6 +58,7 @@ def expand_item(item: dict, cfg: IngestConfig) -> list[dict]:
         return [reject(item, "probe", "unknown modality: extension and content not recognised")]
     base = {"kind": "spec", "item_id": item["id"], "uri": item["uri"], "modality": modality,
             "caption": item.get("caption") or "", "label": item.get("label"), "split": item.get("split") or cfg.default_split,
+            "dataset": item.get("dataset") or "",
             "file_bytes": size}
     if modality == "image":
         s = cfg.image.max_side
@@ -78,6 +80,7 @@ def expand_item(item: dict, cfg: IngestConfig) -> list[dict]:
 def config_digest(cfg: IngestConfig) -> str:
     keep = {k: dataclasses.asdict(getattr(cfg, k)) for k in ("image", "video", "threed", "shard")}
     keep["threed"].pop("device", None)
+    keep["schema_version"] = SCHEMA_VERSION  # a new row layout never reuses shards of the old one
     return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -117,5 +120,8 @@ def partition(specs: list[dict], cfg: IngestConfig) -> list[Partition]:
 
 
 def _named(modality: str, k: int, chunk: list[dict], digest: str) -> Partition:
-    h = hashlib.sha1(("\n".join(s["sample_id"] for s in chunk) + digest).encode()).hexdigest()[:10]
+    # what a row holds besides pixels is part of the name: a manifest whose captions, labels, splits or
+    # datasets change writes new shards instead of reusing rows that no longer describe it
+    meta = [[s["sample_id"], s.get("caption"), s.get("label"), s.get("split"), s.get("dataset")] for s in chunk]
+    h = hashlib.sha1((json.dumps(meta) + digest).encode()).hexdigest()[:10]
     return Partition(f"{modality}-{k:05d}-{h}", modality, chunk)

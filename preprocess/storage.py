@@ -68,11 +68,8 @@ def local_path(uri: str) -> Iterator[str]:
 def list_files(prefix: str) -> list[str]:
     """Files under a folder or bucket prefix, as full URIs, sorted."""
     fs, path = filesystem(prefix)
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     found = sorted(fs.find(path))
-    if proto in ("file", "local"):
-        return found
-    return [f"{proto}://{p}" for p in found]
+    return found if not is_remote(prefix) else [fs.unstrip_protocol(p) for p in found]
 
 
 def commit_bytes(uri: str, data: bytes) -> None:
@@ -108,17 +105,19 @@ def makedirs(uri: str) -> None:
 
 
 def pyarrow_filesystem(uri: str):
-    """(pyarrow FileSystem, path) for Ray Train's RunConfig; S3 honours AWS_ENDPOINT_URL."""
+    """(pyarrow FileSystem, path) for Ray Train's RunConfig: the same fsspec filesystem every other
+    storage call uses (credentials, endpoint, region from its configuration), wrapped for pyarrow;
+    local paths use pyarrow's own local filesystem."""
     import pyarrow.fs as pafs
 
-    if uri.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL")
-        kw = {}
-        if endpoint:
-            kw = {"endpoint_override": endpoint, "scheme": "https" if endpoint.startswith("https") else "http"}
-        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-        if region:
-            kw["region"] = region
-        return pafs.S3FileSystem(**kw), uri[len("s3://"):]
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+    fs, path = filesystem(uri)
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def unstrip(like: str, path: str) -> str:
+    """A path on the filesystem of `like` as a full URI (s3://bucket/key), via fsspec's unstrip_protocol;
+    local paths stay plain paths."""
+    fs, _ = filesystem(like)
+    return fs.unstrip_protocol(path) if is_remote(like) else path

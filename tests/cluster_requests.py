@@ -7,13 +7,11 @@ def cloud_demands() -> dict[str, dict[str, float]]:
     """What the workflow asks Ray for with `cluster=cloud`: one decode task, one 3D render actor, one
     training worker (and how many training workers a stage has)."""
     from orchestration.hydra_config import load
-    from orchestration.workflow import _stage_config
 
-    cfg = load("run", ["cluster=cloud", "model=base", "curriculum=paper"])
-    icfg = load("ingest", ["input=s3://b/m.jsonl", "output=s3://b/shards", *cfg.data.ingest_overrides])
-    icfg.resources.task_resources = dict(cfg.cluster.ingest_resources)
+    cfg = load("run", ["cluster=cloud", "model=base", "curriculum=paper"]).validate()
+    icfg = cfg.ingest
     decode = icfg.resources.cpu_task_args(icfg.resources.decode_cpus)
-    stage = _stage_config(cfg, cfg.curriculum.stages[0], "s3://b/shards", cfg.cluster.storage, "", "0" * 16)
+    stage = cfg.stage_train_config(0)
     return {
         "decode": {"CPU": decode["num_cpus"], **decode.get("resources", {})},
         "render_actor": {"GPU": icfg.resources.render_gpus},

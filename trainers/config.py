@@ -1,8 +1,13 @@
-"""Typed config of one curriculum stage (a Hydra structured config in orchestration/conf). Validated
-at start-up; messages name the bad key."""
+"""The training config of one curriculum stage: a typed tree whose sections each belong to one trainer
+component (model start, data, optimiser, losses, scaling, checkpoints and reports).
+
+The workflow holds one of these as `train` and every curriculum stage as a partial override of it
+(orchestration/workflow_config.py); `validate` raises `ConfigError` with the key relative to this tree,
+so the caller can name the key as the user wrote it.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 
 from atoken.losses import LossWeights
 from pipelines.config import check_custom_resources
@@ -12,25 +17,65 @@ TASK_MODALITY = {"image_rec": "image", "image_und": "image", "video_rec": "video
                  "3d_rec": "3d", "3d_und": "3d"}
 
 
+class ConfigError(ValueError):
+    """A bad config value; `key` is dotted, relative to the tree that validated it."""
+
+    def __init__(self, key: str, why: str):
+        super().__init__(f"{key}: {why}")
+        self.key, self.why = key, why
+
+
+def _bad(key: str, why: str) -> None:
+    raise ConfigError(key, why)
+
+
+@dataclass
+class InitSection:
+    """How a stage's starting model is made from its source (docs/model.md, "Initialisation")."""
+
+    fresh: str = "pca"  # a fresh model: pca (start at the linear codec of the data) | zero | default
+    growth: str = "data"  # latent growth: data (new channels from what the model misses) | zero
+    fsq: str = "fit"  # FSQ switch: fit (per-channel gains fitted to the latents) | plain
+    max_items: int = 256  # training items read for the data-dependent steps, per modality
+
+    def validate(self) -> None:
+        for key, value, choices in (("fresh", self.fresh, ("pca", "zero", "default")),
+                                    ("growth", self.growth, ("data", "zero")), ("fsq", self.fsq, ("fit", "plain"))):
+            if value not in choices:
+                _bad(f"init.{key}", f"{value!r} is not one of {', '.join(choices)}")
+        if self.max_items < 1:
+            _bad("init.max_items", "must be >= 1")
+
+
 @dataclass
 class ModelSection:
     preset: str = "tiny"
-    init_from: str = ""  # a save_pretrained directory (the previous stage's export); empty: fresh init
-    init_official: str = ""  # or an official checkpoint file (.pt / .safetensors)
-    official_variant: str = "soc"
-    siglip2_path: str = ""  # fresh init of the encoder from a local SigLIP2 directory
+    init_from: str = ""  # a save_pretrained directory (set by the workflow: the previous stage's export)
+    init_official: str = ""  # an official checkpoint file (.pt / .safetensors, local or s3://)
+    official_variant: str = "soc"  # soc (So/C, latent 48) | sod (So/D, FSQ) | soc-s1 (stage 1, latent 32)
+    siglip2_path: str = ""  # a fresh model's encoder from a local SigLIP2 directory
     latent_channels: int = 32  # 32 in stage 1, 48 after (grown at the switch)
     fsq: bool = False  # stage 4: discrete FSQ tokens
     gradient_checkpointing: bool = False
 
+    @property
+    def pretrained_encoder(self) -> bool:
+        return bool(self.init_official or self.siglip2_path)
+
 
 @dataclass
 class DataSection:
-    shards: str = ""  # the ingested shard folder URI
+    shards: str = ""  # the ingested shard folder URI (set by the workflow)
     # task sampling ratios (paper Table 2); tasks with ratio 0 are not scheduled
     ratios: dict[str, float] = field(default_factory=lambda: {"image_rec": 1.0, "image_und": 1.0})
     token_budget: int = 1024  # real tokens per worker per step (packed, not padded)
     max_tokens_per_sample: int = 1024  # larger samples are centre-cropped (images/videos) or subsampled (3D)
+    augment: bool = True  # random patch-grid offsets and flips for images and videos
+    # reconstruction tasks: per-row sampling rate by dataset (the manifest's `dataset`), e.g. {photos: 8}:
+    # each photo is drawn 8x as often as a row of an unlisted dataset (1.0); 0 leaves a dataset out of
+    # reconstruction. Empty: natural shares. Understanding tasks always use natural shares.
+    rec_dataset_weights: dict[str, float] = field(default_factory=dict)
+    min_und_samples: int = 4  # an understanding batch holds at least this many samples (its negatives)
     read_cpus: float = 0.0  # per shard-read task: Arrow reads are I/O; samples decode in the train worker
     read_concurrency: int = 0  # shard-read tasks in flight per task stream; 0: one per training worker
     pool_size: int = 8  # look-ahead samples per task, refilled in the background while a step runs
@@ -42,13 +87,18 @@ class DataSection:
 @dataclass
 class OptimSection:
     lr: float = 3e-4  # paper: warmup 2000 steps to 3e-4, cosine to 3e-5
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr; 1.0 = constant after warm-up
     warmup_steps: int = 10
-    encoder_lr_mult: float = 0.1  # the pretrained encoder learns at 0.1x
-    betas: tuple[float, float] = (0.9, 0.95)
+    encoder_lr_mult: float = -1.0  # -1 = auto: 0.1 for a pretrained encoder (paper), 1.0 for a fresh one
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
+
+    def encoder_multiplier(self, pretrained: bool) -> float:
+        if self.encoder_lr_mult >= 0:
+            return self.encoder_lr_mult
+        return 0.1 if pretrained else 1.0
 
 
 @dataclass
@@ -69,9 +119,9 @@ class ScalingSection:
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     # ZeRO-3 keeps parameters smaller than this whole on every rank. -1 = auto: 0 on CPU/gloo, where
     # re-gathering the kept-whole parameters one by one after every optimizer step cost more than
-    # gathering everything per module (measured on the tiny preset: optimizer phase 0.09 -> 0.02 s/step,
-    # docs/benchmarks.md); DeepSpeed's default 1e5 on GPU.
+    # gathering everything per module (docs/benchmarks.md); DeepSpeed's default 1e5 on GPU.
     zero_persistence_threshold: int = -1
+    threads_per_worker: int = 0  # torch / OpenMP threads in a training worker; 0: its CPUs (at least 1)
     # Custom Ray resources each training worker also asks for, e.g. {train_node: 0.001} to pin workers
     # to the GPU node type that advertises it (infra/ray/cluster-aws.yaml).
     custom_resources: dict[str, float] = field(default_factory=dict)
@@ -83,67 +133,122 @@ class ScalingSection:
             res["GPU"] = self.gpus_per_worker
         return res
 
+    def threads(self) -> int:
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+
 
 @dataclass
 class RunSection:
-    storage: str = "atoken-work/runs"  # fsspec URI (local path or s3://)
-    name: str = "stage1"
+    storage: str = "atoken-work/runs"  # fsspec URI (local path or s3://); the workflow sets it
+    name: str = "stage1"  # the run's folder under storage; the workflow names it after the step key
     max_failures: int = 2
     keep_checkpoints: int = 2
-    checkpoint_every: int = 10
-    report_every: int = 5
+    checkpoint_every: int = 100
+    report_every: int = 10
 
 
 @dataclass
-class StageConfig:
+class TrainConfig:
     stage: int = 1
-    steps: int = 40
+    steps: int = 100
     model: ModelSection = field(default_factory=ModelSection)
+    init: InitSection = field(default_factory=InitSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     losses: LossSection = field(default_factory=LossSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
     run: RunSection = field(default_factory=RunSection)
 
-    def validate(self) -> "StageConfig":
-        def bad(key: str, why: str) -> None:
-            raise ValueError(f"stage config: {key}: {why}")
-
+    def validate(self, need_shards: bool = True) -> "TrainConfig":
         if self.stage not in (1, 2, 3, 4):
-            bad("stage", f"{self.stage} is not one of 1, 2, 3, 4")
+            _bad("stage", f"{self.stage} is not one of 1, 2, 3, 4")
         if self.steps < 1:
-            bad("steps", "must be >= 1")
-        unknown = sorted(set(self.data.ratios) - set(TASKS))
+            _bad("steps", f"{self.steps}: must be >= 1")
+        d = self.data
+        unknown = sorted(set(d.ratios) - set(TASKS))
         if unknown:
-            bad("data.ratios", f"unknown tasks {unknown}; known: {list(TASKS)}")
-        if not any(v > 0 for v in self.data.ratios.values()) or any(v < 0 for v in self.data.ratios.values()):
-            bad("data.ratios", "needs at least one positive ratio and none negative")
-        if not self.data.shards:
-            bad("data.shards", "is required (the ingested shard folder)")
-        if self.data.read_concurrency < 0:
-            bad("data.read_concurrency", "must be >= 0 (0: one read in flight per training worker)")
-        if self.data.token_budget < 16:
-            bad("data.token_budget", "must be >= 16")
+            _bad("data.ratios", f"unknown tasks {unknown}; known: {list(TASKS)}")
+        if not any(v > 0 for v in d.ratios.values()) or any(v < 0 for v in d.ratios.values()):
+            _bad("data.ratios", "needs at least one positive ratio and none negative")
+        if need_shards and not d.shards:
+            _bad("data.shards", "is required (the ingested shard folder)")
+        if any(v < 0 for v in d.rec_dataset_weights.values()):
+            _bad("data.rec_dataset_weights", f"{dict(d.rec_dataset_weights)}: weights must be >= 0")
+        if d.read_concurrency < 0:
+            _bad("data.read_concurrency", "must be >= 0 (0: one read in flight per training worker)")
+        if d.token_budget < 16:
+            _bad("data.token_budget", f"{d.token_budget}: must be >= 16")
+        if d.max_tokens_per_sample < 1:
+            _bad("data.max_tokens_per_sample", "must be >= 1")
+        if d.min_und_samples < 2:
+            _bad("data.min_und_samples", f"{d.min_und_samples}: an understanding batch needs >= 2 samples "
+                 "(its other samples are the negatives of the sigmoid loss)")
+        if d.pool_size < d.min_und_samples:
+            _bad("data.pool_size", f"{d.pool_size} < data.min_und_samples={d.min_und_samples}")
         if self.model.fsq and self.model.latent_channels != 48:
-            bad("model.latent_channels", "FSQ needs 48 latent channels (8 codebooks x 6 dims)")
-        if self.scaling.num_workers < 1:
-            bad("scaling.num_workers", "must be >= 1")
-        check_custom_resources(self.scaling.custom_resources, "stage config: scaling.custom_resources")
-        if self.scaling.zero_persistence_threshold < -1:
-            bad("scaling.zero_persistence_threshold", "must be -1 (auto) or >= 0 parameter elements")
-        if self.scaling.precision not in ("auto", "fp32", "bf16"):
-            bad("scaling.precision", "choose auto, fp32 or bf16")
-        if not 0 <= self.optim.ema_decay < 1:
-            bad("optim.ema_decay", "must be in [0, 1)")
-        if self.optim.warmup_steps < 0 or self.optim.lr <= 0:
-            bad("optim", "lr must be > 0 and warmup_steps >= 0")
+            _bad("model.latent_channels", "FSQ needs 48 latent channels (8 codebooks x 6 dims)")
+        if self.model.latent_channels < 1:
+            _bad("model.latent_channels", "must be >= 1")
+        s = self.scaling
+        if s.num_workers < 1:
+            _bad("scaling.num_workers", f"{s.num_workers}: must be >= 1")
+        if s.cpus_per_worker <= 0:
+            _bad("scaling.cpus_per_worker", "must be > 0")
+        try:
+            check_custom_resources(s.custom_resources, "scaling.custom_resources")
+        except ValueError as e:
+            _bad("scaling.custom_resources", str(e).split(": ", 1)[-1])
+        if s.zero_persistence_threshold < -1:
+            _bad("scaling.zero_persistence_threshold", "must be -1 (auto) or >= 0 parameter elements")
+        if s.precision not in ("auto", "fp32", "bf16"):
+            _bad("scaling.precision", f"{s.precision!r}: choose auto, fp32 or bf16")
+        if s.threads_per_worker < 0:
+            _bad("scaling.threads_per_worker", "must be >= 0 (0: the worker's CPUs)")
+        o = self.optim
+        if not 0 <= o.ema_decay < 1:
+            _bad("optim.ema_decay", f"{o.ema_decay}: must be in [0, 1)")
+        if o.lr <= 0:
+            _bad("optim.lr", f"{o.lr}: must be > 0")
+        if o.warmup_steps < 0:
+            _bad("optim.warmup_steps", "must be >= 0")
+        if not 0 < o.min_lr_ratio <= 1:
+            _bad("optim.min_lr_ratio", f"{o.min_lr_ratio}: must be in (0, 1]")
+        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+            _bad("optim.betas", f"{list(o.betas)}: two numbers in [0, 1)")
         if self.losses.feature_network not in ("mobilenet_v2", "siglip2", "none"):
-            bad("losses.feature_network", "choose mobilenet_v2, siglip2 or none")
-        if self.run.checkpoint_every < 1 or self.run.report_every < 1:
-            bad("run", "checkpoint_every and report_every must be >= 1")
-        self.losses.validate()
+            _bad("losses.feature_network", f"{self.losses.feature_network!r}: choose mobilenet_v2, siglip2 or none")
+        if self.losses.text_tower not in ("minilm", "siglip2"):
+            _bad("losses.text_tower", f"{self.losses.text_tower!r}: choose minilm or siglip2")
+        try:
+            self.losses.validate()
+        except ConfigError:
+            raise
+        except ValueError as e:  # LossWeights names its own keys as losses.<name>
+            key, _, why = str(e).partition(": ")
+            _bad(key.split("=")[0], why or str(e))
+        self.init.validate()
+        if self.run.checkpoint_every < 1:
+            _bad("run.checkpoint_every", "must be >= 1")
+        if self.run.report_every < 1:
+            _bad("run.report_every", "must be >= 1")
         return self
 
     @property
     def tasks(self) -> list[str]:
         return [t for t in TASKS if self.data.ratios.get(t, 0) > 0]
+
+
+def from_dict(cls, d: dict):
+    """Nested dataclass from a plain dict (what Ray passes to workers); unknown keys are errors."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(cls.__name__, f"unknown keys {unknown}")
+    kw = {}
+    for k, v in d.items():
+        t = hints[k]
+        kw[k] = from_dict(t, v) if is_dataclass(t) and isinstance(v, dict) else v
+    return cls(**kw)

@@ -48,11 +48,17 @@ class Sample:
     label: str | None
     sample_id: str
     views: dict | None = None  # 3D: rgb [V,H,W,3] in [0,1], viewmats, Ks (for the render loss)
+    stream: str = ""  # the stream (task, or task@dataset) it was read from
 
 
-def _crop_to_tokens(x: np.ndarray, max_tokens: int, patch: int = 16) -> np.ndarray:
-    """Centre-crops [T, H, W, C] (T multiple of 4 kept) so that (T/4)*(H/16)*(W/16) <= max_tokens."""
+def _crop_to_tokens(x: np.ndarray, max_tokens: int, patch: int = 16, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Crops [T, H, W, C] (T multiple of 4 kept) so that (T/4)*(H/16)*(W/16) <= max_tokens: centred, or
+    with `rng` one patch row / column smaller at a random pixel offset (the patch grid then falls on
+    new places of the picture: augmentation that keeps the picture's scale)."""
     T, H, W = x.shape[0], x.shape[1] - x.shape[1] % patch, x.shape[2] - x.shape[2] % patch
+    if rng is not None:
+        H -= patch * int(H > patch and rng.random() < 0.5)
+        W -= patch * int(W > patch and rng.random() < 0.5)
     nt = max(1, T // 4)
     while nt * (H // patch) * (W // patch) > max_tokens and nt > 1:
         nt -= 1
@@ -61,20 +67,43 @@ def _crop_to_tokens(x: np.ndarray, max_tokens: int, patch: int = 16) -> np.ndarr
             H -= patch
         else:
             W -= patch
-    top, left = (x.shape[1] - H) // 2, (x.shape[2] - W) // 2
+    if rng is None:
+        top, left = (x.shape[1] - H) // 2, (x.shape[2] - W) // 2
+    else:
+        top, left = int(rng.integers(0, x.shape[1] - H + 1)), int(rng.integers(0, x.shape[2] - W + 1))
     frames = x[: nt * 4] if T >= 4 else x
     return frames[:, top:top + H, left:left + W]
 
 
-def row_to_sample(row: dict, max_tokens: int, patch: int = 16) -> Sample:
+def _augment(x: np.ndarray, modality: str, rng: np.random.Generator) -> np.ndarray:
+    """Images: one of the 8 flips / quarter turns (patch statistics of photos do not depend on them).
+    Videos: horizontal and vertical flips and time reversal. [T, H, W, C] in, contiguous out."""
+    if modality == "image":
+        x = np.rot90(x, int(rng.integers(4)), axes=(1, 2))
+        if rng.random() < 0.5:
+            x = x[:, :, ::-1]
+    else:
+        if rng.random() < 0.5:
+            x = x[:, :, ::-1]
+        if rng.random() < 0.5:
+            x = x[:, ::-1]
+        if rng.random() < 0.5:
+            x = x[::-1]
+    return np.ascontiguousarray(x)
+
+
+def row_to_sample(row: dict, max_tokens: int, patch: int = 16, rng: np.random.Generator | None = None) -> Sample:
+    """A shard row as a model sample; with `rng`, images and videos are augmented (training)."""
     px = decode_pixels(row)
+    if rng is not None and row["modality"] in ("image", "video"):
+        px = _augment(px, row["modality"], rng)
     if row["modality"] == "image":
-        x = _crop_to_tokens(px, max_tokens, patch)[0]
+        x = _crop_to_tokens(px, max_tokens, patch, rng)[0]
         t = torch.from_numpy(x.astype(np.float32) / 127.5 - 1)
         return Sample("image", t, (t.shape[0] // patch) * (t.shape[1] // patch), row["caption"] or "", row["label"],
                       row["sample_id"])
     if row["modality"] == "video":
-        x = _crop_to_tokens(px, max_tokens, patch)
+        x = _crop_to_tokens(px, max_tokens, patch, rng)
         t = torch.from_numpy(x.astype(np.float32) / 127.5 - 1)
         return Sample("video", t, (t.shape[0] // 4) * (t.shape[1] // patch) * (t.shape[2] // patch), row["caption"] or "",
                       row["label"], row["sample_id"])
@@ -94,8 +123,9 @@ class TaskStream:
     """Endless samples of one task from an iterable of shard rows (re-iterated each epoch), skipping
     the rows a resumed run already consumed."""
 
-    def __init__(self, rows_factory: Callable[[], Iterator[dict]], max_tokens: int, skip: int = 0):
-        self.factory, self.max_tokens = rows_factory, max_tokens
+    def __init__(self, rows_factory: Callable[[], Iterator[dict]], max_tokens: int, skip: int = 0,
+                 rng: np.random.Generator | None = None, key: str = ""):
+        self.factory, self.max_tokens, self.rng, self.key = rows_factory, max_tokens, rng, key
         self.consumed = 0
         self._it: Iterator[dict] | None = None
         for _ in range(skip):
@@ -114,7 +144,31 @@ class TaskStream:
         raise RuntimeError("task stream is empty (no shard rows for this task on this worker)")
 
     def next(self) -> Sample:
-        return row_to_sample(self._next_row(), self.max_tokens)
+        s = row_to_sample(self._next_row(), self.max_tokens, rng=self.rng)
+        s.stream = self.key
+        return s
+
+
+class MixedStream:
+    """Samples of one task drawn from several streams (one per dataset) with fixed shares. The draw order
+    comes from an RNG seeded the same on every rank, so every rank takes the same number of rows from
+    each stream: the lockstep that Ray Data's streaming split and ZeRO-3 need holds per stream."""
+
+    def __init__(self, streams: dict[str, TaskStream], shares: dict[str, float], seed: list[int], state: dict | None = None):
+        self.streams = streams
+        self.keys = sorted(shares)
+        p = np.array([shares[k] for k in self.keys], dtype=np.float64)
+        self.p = p / p.sum()
+        self.rng = np.random.default_rng(seed)
+        if state:
+            self.rng.bit_generator.state = state
+
+    @property
+    def consumed(self) -> int:
+        return sum(s.consumed for s in self.streams.values())
+
+    def next(self) -> Sample:
+        return self.streams[self.keys[int(self.rng.choice(len(self.keys), p=self.p))]].next()
 
 
 class TaskPool:
@@ -211,3 +265,70 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
         p = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
     return f
+
+
+class TaskData:
+    """The worker's data component: one stream and pool per task, lockstep batch agreement across ranks,
+    understanding batches sized to hold their negatives, and the position a checkpoint records."""
+
+    def __init__(self, cfg, shards: dict, state: dict | None, rank: int, plan: dict[str, dict[str, float]] | None = None):
+        """`shards`: stream key -> Ray Train dataset shard; `plan`: task -> {stream key: share} (default:
+        one stream per task, keyed by the task)."""
+        import zlib
+
+        self.cfg = cfg
+        state = state or {}
+        budget = cfg.data.token_budget
+        plan = plan or {t: {t: 1.0} for t in cfg.tasks}
+        self.streams: dict[str, TaskStream] = {}
+        self.tasks, self.pools = {}, {}
+        for t in cfg.tasks:
+            # an understanding sample takes at most budget / min_und_samples tokens, so every batch holds
+            # at least that many samples: the sigmoid loss's negatives
+            cap = cfg.data.max_tokens_per_sample
+            if t.endswith("_und"):
+                cap = min(cap, budget // cfg.data.min_und_samples)
+            for key in plan[t]:
+                rng = np.random.default_rng([cfg.data.seed, rank, zlib.crc32(key.encode())]) if cfg.data.augment else None
+                if rng is not None and f"rng/{key}" in state:
+                    rng.bit_generator.state = state[f"rng/{key}"]
+                self.streams[key] = TaskStream(lambda k=key: shards[k].iter_rows(), cap, state.get(key, 0), rng, key)
+            if list(plan[t]) == [t]:
+                self.tasks[t] = self.streams[t]
+            else:  # the same draw order on every rank: seeded by the task, not the rank
+                self.tasks[t] = MixedStream({k: self.streams[k] for k in plan[t]}, plan[t],
+                                            [cfg.data.seed, zlib.crc32(t.encode())], state.get(f"mix/{t}"))
+            self.pools[t] = TaskPool(self.tasks[t], max(cfg.data.pool_size, cfg.data.min_und_samples))
+
+    def next(self, task: str) -> tuple[list[Sample], float]:
+        """The step's samples and the seconds waited for them."""
+        import torch.distributed as dist
+
+        pool = self.pools[task]
+        waited = pool.wait()
+        budget = self.cfg.data.token_budget
+        # [samples to take, -extra samples to pool]: MIN agrees on the fewest to take and the most to add
+        agree = torch.tensor([len(pool.best_bin(budget)), -pool.want(2 * budget)])
+        if dist.is_initialized():
+            dist.all_reduce(agree, op=dist.ReduceOp.MIN)  # lockstep row consumption across ranks
+        return pool.take(int(agree[0]), budget, extra=-int(agree[1])), waited
+
+    def settle(self) -> float:
+        """Waits for every background refill, so positions are exact; returns the seconds waited."""
+        return sum(p.wait() for p in self.pools.values())
+
+    def position(self) -> dict:
+        """Rows consumed per stream minus those still pooled (a resumed run re-reads the pool), each
+        stream's augmentation RNG and each mixture's draw RNG."""
+        pooled: dict[str, int] = {}
+        for p in self.pools.values():
+            for smp in p.samples:
+                pooled[smp.stream] = pooled.get(smp.stream, 0) + 1
+        out: dict = {k: s.consumed - pooled.get(k, 0) for k, s in self.streams.items()}
+        for k, s in self.streams.items():
+            if s.rng is not None:
+                out[f"rng/{k}"] = s.rng.bit_generator.state
+        for t, m in self.tasks.items():
+            if isinstance(m, MixedStream):
+                out[f"mix/{t}"] = m.rng.bit_generator.state
+        return out

@@ -19,12 +19,18 @@ class ShardedEMA:
         self.shadow = [_local(p).detach().float().clone() for p in self.params]
         self.updates = 0
 
+    def decay_at(self, update: int) -> float:
+        """The decay of the `update`-th update: warmed up (early EMA tracks the weights closely) to `decay`."""
+        return min(self.decay, (1 + update) / (10 + update))
+
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self) -> float:
+        """One EMA step of every local partition; returns the decay it used."""
         self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))  # warm-up: early EMA tracks closely
+        d = self.decay_at(self.updates)
         for s, p in zip(self.shadow, self.params):
             s.mul_(d).add_(_local(p).float(), alpha=1 - d)
+        return d
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "updates": self.updates, "shadow": [s.clone() for s in self.shadow]}

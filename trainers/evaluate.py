@@ -1,16 +1,20 @@
-"""Evaluation of an exported model on the eval split, as a function the workflow calls.
+"""Evaluation of an exported model on the eval split, every number beside a baseline measured the same way.
 
-Reconstruction: image PSNR / SSIM / Fréchet distance (on the named feature network), video PSNR / SSIM,
-3D PSNR / SSIM on a held-out view (voxel features from the other views, Gaussian decoder render).
-Understanding: zero-shot accuracy on labelled images (class prompt = a train caption of that label),
-linear-probe accuracy, text <-> visual retrieval R@1. Floor: PSNR of the PCA patch codec with the same
-latent size, fitted on the training images. Pictures: original | reconstruction grids.
+Reconstruction, per modality and dataset (photos and digits are reported apart):
+  images  PSNR / SSIM / feature Fréchet distance of the model, of the PCA codec with the model's latent
+          size over the same 16x16 patches (fitted on the whole training split), of that PCA through the
+          model's quantiser at the same bits once the model is discrete (stage 4), and of each image's
+          mean colour;
+  videos  the same against PCA over 4x16x16 space-time patches fitted on the training clips;
+  3D      the Gaussian decoder's render of a held-out view against the background-only render.
+Understanding: zero-shot accuracy on labelled images, linear probe, text <-> visual retrieval R@1.
+Pictures: original | model | PCA, per dataset (`images_<dataset>.png`, `video_frames.png`, `3d_views.png`).
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,161 +22,245 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from atoken.bottleneck import FSQ
 from atoken.metrics import frechet_distance, linear_probe_accuracy, psnr, retrieval_recall, ssim, zero_shot_accuracy
-from atoken.model import AToken
-from atoken.patchify import voxel_features_from_views
-from atoken.pca_floor import PatchPCA
+from atoken.patchify import image_to_tokens, tokens_to_video, video_to_tokens, voxel_features_from_views
+from atoken.pca_floor import TokenPCA
 from pipelines.reader import iter_rows
-from preprocess import storage
 from preprocess.schema import decode_3d, decode_pixels
 from trainers.data import row_to_sample
-from trainers.loop import EXPORT_EXTRA
+from trainers.export import load_export
 
 
-def _load_export(export: str) -> tuple[AToken, torch.Tensor | None, dict]:
-    d = Path(tempfile.mkdtemp(prefix="atoken-eval-"))
-    for f in ("config.json", "model.safetensors", EXPORT_EXTRA, "text_tower.json"):
-        uri = storage.join(export, f)
-        if storage.exists(uri):
-            with storage.local_path(uri) as p:
-                (d / f).write_bytes(Path(p).read_bytes())
-    model = AToken.from_pretrained(d).eval()
-    proj = None
-    if (d / EXPORT_EXTRA).exists():
-        from safetensors.torch import load_file
+@dataclass
+class EvalConfig:
+    max_items: int = 64  # eval items per (modality, dataset)
+    baseline_items: int = 2000  # training items per modality the PCA floors are fitted on
+    max_tokens: int = 1024  # per sample, as in training
+    feature_network: str = "mobilenet_v2"  # Fréchet distance features: mobilenet_v2 | siglip2 | none
+    feature_network_path: str = ""
+    pictures: int = 8  # rows per picture grid
 
-        proj = load_file(str(d / EXPORT_EXTRA))["weight"]
-    tower = json.loads((d / "text_tower.json").read_text()) if (d / "text_tower.json").exists() else {"tower": "minilm", "path": ""}
-    return model, proj, tower
+    def validate(self) -> "EvalConfig":
+        from trainers.config import ConfigError
+
+        for k in ("max_items", "baseline_items", "max_tokens", "pictures"):
+            if getattr(self, k) < 1:
+                raise ConfigError(k, "must be >= 1")
+        if self.feature_network not in ("mobilenet_v2", "siglip2", "none"):
+            raise ConfigError("feature_network", f"{self.feature_network!r}: choose mobilenet_v2, siglip2 or none")
+        return self
 
 
-def _grid(pairs: list[tuple[np.ndarray, np.ndarray]], path: str, cell: int = 128) -> None:
-    """Rows of original | reconstruction, each resized to `cell` high."""
-    rows = []
-    for a, b in pairs:
-        ims = [Image.fromarray(x).resize((max(1, round(x.shape[1] * cell / x.shape[0])), cell)) for x in (a, b)]
-        row = np.concatenate([np.asarray(i) for i in ims], 1)
-        rows.append(row)
-    width = max(r.shape[1] for r in rows)
-    canvas = np.zeros((cell * len(rows), width, 3), np.uint8)
-    for i, r in enumerate(rows):
+def _grid(rows: list[list[np.ndarray]], path: str, cell: int = 128) -> None:
+    """Rows of pictures side by side (original | model | PCA), each resized to `cell` high."""
+    out = []
+    for row in rows:
+        ims = [Image.fromarray(x).resize((max(1, round(x.shape[1] * cell / x.shape[0])), cell), Image.NEAREST) for x in row]
+        out.append(np.concatenate([np.asarray(i) for i in ims], 1))
+    width = max(r.shape[1] for r in out)
+    canvas = np.zeros((cell * len(out), width, 3), np.uint8)
+    for i, r in enumerate(out):
         canvas[i * cell:(i + 1) * cell, : r.shape[1]] = r
     Image.fromarray(canvas).save(path)
 
 
 def _u8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] -> uint8."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
+def _to01(x: torch.Tensor) -> torch.Tensor:
+    """[..., H, W, 3] in [-1, 1] -> [N, 3, H, W] in [0, 1]."""
+    x = ((x.clamp(-1, 1) + 1) / 2).float()
+    return (x[None] if x.ndim == 3 else x).permute(0, 3, 1, 2)
+
+
+def _fsq_quantizer(model):
+    fsq = FSQ(model.config.fsq_levels, model.config.fsq_num_codebooks)
+    return lambda z: fsq(z)[0]
+
+
+class _Scores:
+    """Per-sample PSNR / SSIM of one reconstruction method."""
+
+    def __init__(self):
+        self.psnr, self.ssim = [], []
+
+    def add(self, rec: torch.Tensor, orig: torch.Tensor) -> None:
+        a, b = _to01(orig), _to01(rec)
+        self.psnr.append(float(psnr(b, a).mean()))
+        self.ssim.append(float(ssim(b, a).mean()))
+
+    def into(self, res: dict, prefix: str) -> None:
+        if self.psnr:
+            res[f"{prefix}psnr"], res[f"{prefix}ssim"] = float(np.mean(self.psnr)), float(np.mean(self.ssim))
+
+
+def _rows_by_dataset(rows: list[dict], limit: int) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        group = out.setdefault(r.get("dataset") or "all", [])
+        if len(group) < limit:
+            group.append(r)
+    return out
+
+
 @torch.no_grad()
-def evaluate(export: str, shards: str, out_dir: str, feature_network: str = "mobilenet_v2",
-             feature_network_path: str = "", max_items: int = 64, max_tokens: int = 1024) -> dict:
-    from atoken.features import FeatureNetwork
-    from atoken.text import text_tower
-
-    model, proj, tower_cfg = _load_export(export)
+def evaluate(export: str, shards: str, out_dir: str, cfg: EvalConfig = EvalConfig()) -> dict:
+    model, proj, tower_cfg = load_export(export)
+    model.eval()
     os.makedirs(out_dir, exist_ok=True)
-    res: dict = {"export": export}
-    eval_rows = list(iter_rows(shards, split="eval"))[: max_items * 3]
-    train_images = [r for r in iter_rows(shards, modality="image", split="train")][: max_items]
+    res: dict = {"export": export, "latent_channels": model.config.latent_channels,
+                 "discrete": model.quantizer is not None}
+    k, quantize = model.config.latent_channels, (_fsq_quantizer(model) if model.quantizer is not None else None)
+    eval_rows = list(iter_rows(shards, split="eval"))
+    net = None
+    if cfg.feature_network != "none":
+        from atoken.features import FeatureNetwork
 
-    # images: reconstruction + the PCA floor with the same latent size per 16x16 patch
-    imgs = [r for r in eval_rows if r["modality"] == "image"][:max_items]
-    if imgs:
-        net = FeatureNetwork(feature_network, feature_network_path or None, 224) if feature_network != "none" else None
-        ps, ss, fo, fr, pairs = [], [], [], [], []
-        for r in imgs:
-            s = row_to_sample(r, max_tokens)
-            lat, batch = model.encode([("image", s.data)])
-            rec = model.decode(lat, batch)[0][0]
-            a = ((s.data + 1) / 2).permute(2, 0, 1)[None]
-            b = ((rec.clamp(-1, 1) + 1) / 2).permute(2, 0, 1)[None]
-            ps.append(float(psnr(b, a)))
-            ss.append(float(ssim(b, a)))
-            if net is not None:
-                fo.append(net(a)[1][0].numpy())
-                fr.append(net(b)[1][0].numpy())
-            if len(pairs) < 8:
-                pairs.append((_u8(s.data), _u8(rec)))
-        res.update(image_psnr=float(np.mean(ps)), image_ssim=float(np.mean(ss)), image_count=len(imgs))
-        if net is not None and len(fo) >= 2:
-            res.update(image_fd=frechet_distance(np.stack(fo), np.stack(fr)), fd_feature_network=f"{net.name}@224")
-        pca = PatchPCA(model.config.latent_channels).fit([decode_pixels(r)[0] / 255.0 for r in train_images])
-        res["pca_floor_psnr"] = float(np.mean([pca.psnr(row_to_sample(r, max_tokens).data.add(1).div(2).numpy())
-                                               for r in imgs]))
-        res["pca_floor_components"] = model.config.latent_channels
-        _grid(pairs, os.path.join(out_dir, "images.png"))
+        net = FeatureNetwork(cfg.feature_network, cfg.feature_network_path or None, 224)
 
-    vids = [r for r in eval_rows if r["modality"] == "video"][: max(1, max_items // 8)]
-    if vids:
-        ps, ss, strip = [], [], None
+    # ------------------------------------------------------------------ images
+    train_imgs = [row_to_sample(r, cfg.max_tokens).data for i, r in
+                  enumerate(iter_rows(shards, modality="image", split="train")) if i < cfg.baseline_items]
+    images = _rows_by_dataset([r for r in eval_rows if r["modality"] == "image"], cfg.max_items)
+    if images and train_imgs:
+        fp = model.config.in_channels // model.config.patch_size[0]
+        pca = TokenPCA(k).fit(torch.cat([image_to_tokens(x)[0][:, :fp] for x in train_imgs]))
+        pca_q = None
+        if quantize is not None:
+            pca_q = TokenPCA(k).fit(torch.cat([image_to_tokens(x)[0][:, :fp] for x in train_imgs]))
+            pca_q.with_quantizer(quantize, torch.cat([image_to_tokens(x)[0][:, :fp] for x in train_imgs]))
+        res["image_baseline_train_items"] = len(train_imgs)
+        for ds, rows in images.items():
+            scores = {m: _Scores() for m in ("model", "pca", "pca_fsq", "mean_colour")}
+            feats = {m: [] for m in ("orig", "model", "pca")}
+            pictures = []
+            for r in rows:
+                x = row_to_sample(r, cfg.max_tokens).data
+                lat, batch = model.encode([("image", x)], codes=quantize is not None)
+                rec = model.decode(lat, batch)[0][0]
+                tok, coords, shape = image_to_tokens(x)
+                full = lambda p: torch.cat([p, tok[:, fp:]], 1)  # noqa: E731  (padding frames back for un-patchify)
+                rec_pca = tokens_to_video(full(pca.reconstruct(tok[:, :fp])), coords, shape, model.config.patch_size)[0]
+                scores["model"].add(rec, x)
+                scores["pca"].add(rec_pca, x)
+                if pca_q is not None:
+                    scores["pca_fsq"].add(tokens_to_video(full(pca_q.reconstruct(tok[:, :fp])), coords, shape,
+                                                          model.config.patch_size)[0], x)
+                scores["mean_colour"].add(x.mean((0, 1), keepdim=True).expand_as(x), x)
+                if net is not None:
+                    for m, im in (("orig", x), ("model", rec), ("pca", rec_pca)):
+                        feats[m].append(net(_to01(im))[1][0].numpy())
+                if len(pictures) < cfg.pictures:
+                    pictures.append([_u8(x), _u8(rec), _u8(rec_pca)])
+            pre = f"image/{ds}/"
+            res[pre + "count"] = len(rows)
+            scores["model"].into(res, pre)
+            for m in ("pca", "pca_fsq", "mean_colour"):
+                scores[m].into(res, f"{pre}{m}_")
+            if net is not None and len(rows) >= 2:
+                res[pre + "fd"] = frechet_distance(np.stack(feats["orig"]), np.stack(feats["model"]))
+                res[pre + "pca_fd"] = frechet_distance(np.stack(feats["orig"]), np.stack(feats["pca"]))
+            _grid(pictures, os.path.join(out_dir, f"images_{ds}.png"))
+
+    # ------------------------------------------------------------------ videos
+    vids = [r for r in eval_rows if r["modality"] == "video"][: cfg.max_items]
+    train_vids = [row_to_sample(r, cfg.max_tokens).data for i, r in
+                  enumerate(iter_rows(shards, modality="video", split="train")) if i < cfg.baseline_items]
+    if vids and train_vids:
+        train_tok = torch.cat([video_to_tokens(v)[0] for v in train_vids])
+        pca = TokenPCA(min(k, len(train_tok))).fit(train_tok)
+        pca_q = TokenPCA(min(k, len(train_tok))).fit(train_tok).with_quantizer(quantize, train_tok) if quantize else None
+        scores = {m: _Scores() for m in ("model", "pca", "pca_fsq", "mean_colour")}
+        strip = []
         for r in vids:
-            s = row_to_sample(r, max_tokens)
-            lat, batch = model.encode([("video", s.data)])
+            x = row_to_sample(r, cfg.max_tokens).data
+            lat, batch = model.encode([("video", x)], codes=quantize is not None)
             rec = model.decode(lat, batch)[0]
-            a, b = ((s.data + 1) / 2).permute(0, 3, 1, 2), ((rec.clamp(-1, 1) + 1) / 2).permute(0, 3, 1, 2)
-            ps.append(float(psnr(b, a).mean()))
-            ss.append(float(ssim(b, a).mean()))
-            if strip is None:
-                strip = [(_u8(s.data[i]), _u8(rec[i])) for i in range(0, s.data.shape[0], max(1, s.data.shape[0] // 4))]
-        res.update(video_psnr=float(np.mean(ps)), video_ssim=float(np.mean(ss)), video_count=len(vids))
+            tok, coords, shape = video_to_tokens(x)
+            rec_pca = tokens_to_video(pca.reconstruct(tok), coords, shape, model.config.patch_size)
+            scores["model"].add(rec, x)
+            scores["pca"].add(rec_pca, x)
+            if pca_q is not None:
+                scores["pca_fsq"].add(tokens_to_video(pca_q.reconstruct(tok), coords, shape, model.config.patch_size), x)
+            scores["mean_colour"].add(x.mean((0, 1, 2), keepdim=True).expand_as(x), x)
+            if not strip:
+                strip = [[_u8(x[i]), _u8(rec[i]), _u8(rec_pca[i])] for i in range(0, x.shape[0], max(1, x.shape[0] // 4))]
+        res["video/count"] = len(vids)
+        scores["model"].into(res, "video/")
+        for m in ("pca", "pca_fsq", "mean_colour"):
+            scores[m].into(res, f"video/{m}_")
         _grid(strip, os.path.join(out_dir, "video_frames.png"))
 
-    objs = [r for r in eval_rows if r["modality"] == "3d"][:4]
+    # ------------------------------------------------------------------ 3D
+    objs = [r for r in eval_rows if r["modality"] == "3d"][: cfg.max_items]
     if objs and model.gs_decoder is not None:
-        ps, ss, views = [], [], []
+        ps, ss, bg, views = [], [], [], []
         for r in objs:
-            extra = decode_3d(r)
-            px = decode_pixels(r)
+            extra, px = decode_3d(r), decode_pixels(r)
             rgb = torch.from_numpy(px[..., :3].astype(np.float32) / 255.0)
             vm, K = torch.from_numpy(extra["viewmats"]), torch.from_numpy(extra["intrinsics"])
-            vox = torch.from_numpy(extra["voxels"].astype(np.int64))[:max_tokens]
+            vox = torch.from_numpy(extra["voxels"].astype(np.int64))[: cfg.max_tokens]
             feats = voxel_features_from_views(rgb[:-1], vm[:-1], K[:-1], vox, int(r["grid"]))  # last view held out
-            lat, batch = model.encode([("3d", (feats, vox))])
-            rec = model.decode_sparse(lat, batch.coords)
+            lat, batch = model.encode([("3d", (feats, vox))], codes=quantize is not None)
+            z = lat if quantize is None else model.quantizer.codes_to_latents(lat)
+            rec = model.decode_sparse(z, batch.coords)
             g = model.gs_decoder(rec[:, :768], batch.coords)
             out = model.gs_decoder.render(g, vm[-1:], K[-1:], rgb.shape[2], rgb.shape[1])
             a, b = rgb[-1:].permute(0, 3, 1, 2), out.rgb.clamp(0, 1).permute(0, 3, 1, 2)
             ps.append(float(psnr(b, a)))
             ss.append(float(ssim(b, a)))
-            views.append(((a[0].permute(1, 2, 0) * 255).byte().numpy(), (b[0].permute(1, 2, 0) * 255).byte().numpy()))
-        res.update(**{"3d_psnr": float(np.mean(ps)), "3d_ssim": float(np.mean(ss)), "3d_count": len(objs)})
+            bg.append(float(psnr(torch.zeros_like(a), a)))  # the views are rendered over black
+            views.append([(a[0].permute(1, 2, 0) * 255).byte().numpy(), (b[0].permute(1, 2, 0) * 255).byte().numpy()])
+        res.update({"3d/psnr": float(np.mean(ps)), "3d/ssim": float(np.mean(ss)), "3d/background_psnr": float(np.mean(bg)),
+                    "3d/count": len(objs)})
         _grid(views, os.path.join(out_dir, "3d_views.png"))
 
-    # understanding
+    # ------------------------------------------------------------------ understanding
     if proj is not None:
-        tower = text_tower(tower_cfg.get("tower", "minilm"), tower_cfg.get("path") or None)
-
-        def text_emb(texts: list[str]) -> torch.Tensor:
-            return F.normalize(tower.encode(texts) @ proj.T, dim=-1)
-
-        def visual_emb(rows: list[dict]) -> torch.Tensor:
-            out = []
-            for r in rows:
-                s = row_to_sample(r, max_tokens)
-                out.append(model.encode_sparse(model.pack([(s.modality, s.data)])).semantic[0])
-            return torch.stack(out)
-
-        labelled = [r for r in eval_rows if r["label"] is not None and r["modality"] == "image"]
-        train_lab = [r for r in train_images if r["label"] is not None]
-        classes = sorted({r["label"] for r in train_lab} & {r["label"] for r in labelled})
-        if len(classes) >= 2:
-            prompt = {c: next(r["caption"] for r in train_lab if r["label"] == c) for c in classes}
-            test = [r for r in labelled if r["label"] in prompt]
-            emb = visual_emb(test)
-            labels = torch.tensor([classes.index(r["label"]) for r in test])
-            res["zero_shot_acc"] = zero_shot_accuracy(emb, text_emb([prompt[c] for c in classes]), labels)
-            tr = [r for r in train_lab if r["label"] in prompt]
-            if len({r["label"] for r in tr}) >= 2:
-                res["linear_probe_acc"] = linear_probe_accuracy(
-                    visual_emb(tr).numpy(), [r["label"] for r in tr], emb.numpy(), [r["label"] for r in test])
-            res["understanding_classes"] = len(classes)
-        captioned = [r for r in eval_rows if r["caption"]][:max_items]
-        if len(captioned) >= 2:
-            v, t = visual_emb(captioned), text_emb([r["caption"] for r in captioned])
-            res["retrieval_t2v_r1"] = retrieval_recall(t, v, (1,))["R@1"]
-            res["retrieval_v2t_r1"] = retrieval_recall(v, t, (1,))["R@1"]
-            res["retrieval_items"] = len(captioned)
+        res.update(_understanding(model, proj, tower_cfg, shards, eval_rows, cfg))
     res["pictures"] = sorted(str(p) for p in Path(out_dir).glob("*.png"))
     Path(out_dir, "eval.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def _understanding(model, proj, tower_cfg, shards, eval_rows, cfg: EvalConfig) -> dict:
+    from atoken.text import text_tower
+
+    res: dict = {}
+    tower = text_tower(tower_cfg.get("tower", "minilm"), tower_cfg.get("path") or None)
+
+    def text_emb(texts: list[str]) -> torch.Tensor:
+        return F.normalize(tower.encode(texts) @ proj.T, dim=-1)
+
+    def visual_emb(rows: list[dict]) -> torch.Tensor:
+        out = []
+        for r in rows:
+            s = row_to_sample(r, cfg.max_tokens)
+            out.append(model.encode_sparse(model.pack([(s.modality, s.data)])).semantic[0])
+        return torch.stack(out)
+
+    train_images = [r for i, r in enumerate(iter_rows(shards, modality="image", split="train")) if i < cfg.baseline_items]
+    labelled = [r for r in eval_rows if r["label"] is not None and r["modality"] == "image"]
+    train_lab = [r for r in train_images if r["label"] is not None]
+    classes = sorted({r["label"] for r in train_lab} & {r["label"] for r in labelled})
+    if len(classes) >= 2:
+        prompt = {c: next(r["caption"] for r in train_lab if r["label"] == c) for c in classes}
+        test = [r for r in labelled if r["label"] in prompt]
+        emb = visual_emb(test)
+        labels = torch.tensor([classes.index(r["label"]) for r in test])
+        res["und/zero_shot_acc"] = zero_shot_accuracy(emb, text_emb([prompt[c] for c in classes]), labels)
+        tr = [r for r in train_lab if r["label"] in prompt]
+        if len({r["label"] for r in tr}) >= 2:
+            res["und/linear_probe_acc"] = linear_probe_accuracy(
+                visual_emb(tr).numpy(), [r["label"] for r in tr], emb.numpy(), [r["label"] for r in test])
+        res["und/classes"] = len(classes)
+    captioned = [r for r in eval_rows if r["caption"]][: cfg.max_items]
+    if len(captioned) >= 2:
+        v, t = visual_emb(captioned), text_emb([r["caption"] for r in captioned])
+        res["und/t2v_r1"] = retrieval_recall(t, v, (1,))["R@1"]
+        res["und/v2t_r1"] = retrieval_recall(v, t, (1,))["R@1"]
+        res["und/retrieval_items"] = len(captioned)
     return res

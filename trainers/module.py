@@ -8,18 +8,31 @@ import torch.nn.functional as F
 from atoken.losses import ImageReconstructionLoss, l1_loss, render_loss, siglip_sigmoid_loss
 from atoken.model import AToken
 from atoken.patchify import pack, unpack
-from trainers.config import StageConfig
+from trainers.config import TrainConfig
 from trainers.data import Sample
 
 
+def caption_targets(captions: list[str]) -> torch.Tensor:
+    """[B, B] +1 where two samples share a caption (a positive pair), -1 elsewhere: digits of one class
+    share their caption and must not be pushed apart as negatives."""
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    k = torch.tensor([ids[c] for c in captions])
+    return (k[:, None] == k[None, :]).float() * 2 - 1
+
+
 class TrainModule(nn.Module):
-    def __init__(self, model: AToken, text_dim: int, feature_net: nn.Module | None, cfg: StageConfig):
+    def __init__(self, model: AToken, text_dim: int, feature_net: nn.Module | None, cfg: TrainConfig,
+                 text_projection: torch.Tensor | None = None):
         super().__init__()
         self.model = model
         width = model.config.encoder_model_channels
         # maps the text tower's embedding into the semantic head's space (identity-sized for SigLIP2 So400m)
         self.text_proj = nn.Linear(text_dim, width, bias=False)
-        nn.init.normal_(self.text_proj.weight, std=text_dim ** -0.5)
+        if text_projection is not None and text_projection.shape == self.text_proj.weight.shape:
+            with torch.no_grad():
+                self.text_proj.weight.copy_(text_projection)
+        else:
+            nn.init.normal_(self.text_proj.weight, std=text_dim ** -0.5)
         # frozen and outside the module tree, so ZeRO-3 neither partitions nor checkpoints it
         self.__dict__["rec_loss"] = ImageReconstructionLoss(cfg.losses, feature_net)
         self.cfg = cfg
@@ -33,31 +46,29 @@ class TrainModule(nn.Module):
         if task.endswith("_und"):
             enc = self.model.encode_sparse(batch)
             t = F.normalize(self.text_proj(text.to(dev, dtype)), dim=-1)
-            sem = siglip_sigmoid_loss(enc.semantic, t, self.model.logit_scale, self.model.logit_bias)
+            targets = caption_targets([s.caption for s in samples]).to(dev)
+            sem = siglip_sigmoid_loss(enc.semantic, t, self.model.logit_scale, self.model.logit_bias, targets)
             return {"sem": sem, "total": w.sem * sem}
         out = self.model(batch, sample=True)
         rec, target = out["rec"], batch.feats
+        fp = rec.shape[1] // self.model.config.patch_size[0]
         terms: dict[str, torch.Tensor] = {}
-        if task == "image_rec":
-            terms["l1"] = l1_loss(rec[:, :768], target[:, :768])  # frame 0: the image's padding is discarded
-            if self.rec_loss.features is not None:
-                pred_imgs = _resized(unpack(batch, rec, self.model.config.patch_size), w.feature_resolution)
-                true_imgs = _resized(unpack(batch, target, self.model.config.patch_size), w.feature_resolution)
-                feat = self.rec_loss(pred_imgs, true_imgs)
-                terms.update({k: v for k, v in feat.items() if k not in ("l1", "total")})
-                rec_total = feat["total"] - w.l1 * feat["l1"] + w.l1 * terms["l1"]
-            else:
-                rec_total = w.l1 * terms["l1"]
-        elif task == "video_rec":
-            terms["l1"] = l1_loss(rec, target)
-            rec_total = terms["l1"]
-        else:  # 3d_rec: voxel patch features, plus renders of the Gaussian decoder
-            terms["l1"] = l1_loss(rec[:, :768], target[:, :768])
-            rec_total = terms["l1"]
-            if self.model.gs_decoder is not None and self.cfg.data.render_views > 0:
-                r = self._render_loss(rec[:, :768], batch.coords, samples, step)
-                terms.update({"render_l1": r["l1"], "render_ssim": r["ssim"]})
-                rec_total = rec_total + r["total"]
+        if task in ("image_rec", "3d_rec"):  # frame 0 only: an image's padding is discarded
+            diff = rec[:, :fp].float() - target[:, :fp].float()
+        else:
+            diff = rec.float() - target.float()
+        terms["l1"], terms["mse"] = diff.abs().mean(), diff.pow(2).mean()
+        rec_total = w.l1 * terms["l1"] + w.mse * terms["mse"]
+        if task == "image_rec" and self.rec_loss.needs_features(step):
+            pred_imgs = _resized(unpack(batch, rec, self.model.config.patch_size), w.feature_resolution)
+            true_imgs = _resized(unpack(batch, target, self.model.config.patch_size), w.feature_resolution)
+            feat = self.rec_loss.feature_terms(pred_imgs, true_imgs, step)
+            rec_total = rec_total + feat.pop("weighted")
+            terms.update(feat)
+        elif task == "3d_rec" and self.model.gs_decoder is not None and self.cfg.data.render_views > 0:
+            r = self._render_loss(rec[:, :fp], batch.coords, samples, step)
+            terms.update({"render_l1": r["l1"], "render_ssim": r["ssim"]})
+            rec_total = rec_total + r["total"]
         kl = out["posterior"].kl() if self.model.quantizer is None else rec.new_zeros(())
         terms["kl"] = kl
         terms["total"] = w.rec * rec_total + w.kl * kl

@@ -1,22 +1,29 @@
-"""Running one curriculum stage: Ray Train TorchTrainer + DeepSpeed ZeRO-3 workers on streamed shards.
+"""Running one curriculum stage: prepare its start model, then Ray Train TorchTrainer + DeepSpeed ZeRO-3
+workers on streamed shards.
 
-The stage's outputs live under <run.storage>/<run.name>/: Ray Train checkpoints (checkpoint_<step>),
-`export/` (consolidated EMA weights, save_pretrained + text projection) and `stage_done.json`. A rerun
-of a finished stage returns its recorded result without training; an interrupted one resumes from its
-latest complete checkpoint.
+The stage's outputs live under <run.storage>/<run.name>/: `start/` (the model every worker starts from),
+Ray Train checkpoints (checkpoint_<step>), `export/` (consolidated EMA weights), `metrics.jsonl` and
+`stage_done.json`. A rerun of a finished stage returns its recorded result without training; an
+interrupted one resumes from its latest complete checkpoint. Metrics reach the caller live through
+Ray Train callbacks (`callbacks`, run on the driver side; trainers/ itself imports no tracking library).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass
 
-
 from preprocess import storage
-from trainers.config import TASK_MODALITY, StageConfig
-from trainers.loop import CHECKPOINT_META, train_loop_per_worker
+from trainers.checkpoint import latest_checkpoint, run_dir
+from trainers.config import TASK_MODALITY, TrainConfig
+from trainers.data import task_schedule
+from trainers.export import export_dir
+from trainers.loop import train_loop_per_worker
+from trainers.start import prepare_start
 
+log = logging.getLogger("atoken.stage")
 DONE = "stage_done.json"
 
 
@@ -30,103 +37,107 @@ class StageResult:
     metrics: dict
     wall_s: float
     resumed_from_step: int
+    start: dict
+    startup_s: dict
     skipped: bool = False
 
 
-def _build(cls, d: dict):
-    """Nested dataclass from a plain dict (what Ray passes to workers); unknown keys are errors."""
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"stage config: unknown keys {unknown} in {cls.__name__}")
-    kw = {}
-    for k, v in d.items():
-        t = hints[k]
-        if dataclasses.is_dataclass(t) and isinstance(v, dict):
-            kw[k] = _build(t, v)
-        elif typing.get_origin(t) is tuple and isinstance(v, list):
-            kw[k] = tuple(v)
-        else:
-            kw[k] = v
-    return cls(**kw)
-
-
-def stage_config_from_dict(d: dict) -> StageConfig:
-    return _build(StageConfig, {k: v for k, v in d.items() if not k.startswith("_")}).validate()
-
-
-def stage_dir(cfg: StageConfig) -> str:
-    return storage.join(cfg.run.storage, cfg.run.name)
-
-
-def latest_checkpoint(cfg: StageConfig) -> tuple[str | None, int]:
-    """The newest complete checkpoint (its metadata file exists) of this stage's run, and its step."""
-    root = stage_dir(cfg)
-    if not storage.exists(root):
-        return None, 0
-    fs, path = storage.filesystem(root)
-    best, step = None, 0
-    for entry in fs.ls(path, detail=False):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if not name.startswith("checkpoint_"):
-            continue
-        meta = storage.join(root, name, CHECKPOINT_META)
-        if storage.exists(meta):
-            s = json.loads(storage.read_bytes(meta))["step"]
-            if s > step:
-                best, step = storage.join(root, name), s
-    return best, step
-
-
-def run_stage(cfg: StageConfig) -> StageResult:
+def _prepare_remote(cfg: TrainConfig) -> dict:
+    """prepare_start as a Ray task with one training worker's resources (on a cluster: a training node,
+    whose GPU and memory the data-dependent init of a large preset needs)."""
     import ray
+
+    res = cfg.scaling.worker_resources()
+    opts = {"num_cpus": min(res.pop("CPU"), 1.0), "num_gpus": res.pop("GPU", 0), "resources": res or None}
+    return ray.get(ray.remote(prepare_start).options(**opts).remote(cfg))
+
+
+def stream_plan(cfg: TrainConfig) -> dict[str, dict[str, float]]:
+    """task -> {stream key: share of its samples}. One stream per task, unless data.rec_dataset_weights
+    reweights the datasets a reconstruction task's rows come from: then one stream per dataset ("task@dataset"), with
+    shares proportional to weight x rows."""
+    from pipelines.reader import dataset_counts
+
+    plan = {}
+    for t in cfg.tasks:
+        w = cfg.data.rec_dataset_weights if t.endswith("_rec") else {}
+        counts = dataset_counts(cfg.data.shards, TASK_MODALITY[t], "train") if w else {}
+        if not w or all(w.get(d, 1.0) == 1.0 for d in counts):
+            plan[t] = {t: 1.0}
+            continue
+        mass = {d: w.get(d, 1.0) * n for d, n in counts.items() if w.get(d, 1.0) > 0}
+        if not mass:
+            raise ValueError(f"data.rec_dataset_weights={dict(w)} leaves no {TASK_MODALITY[t]} training rows for {t}")
+        total = sum(mass.values())
+        plan[t] = {f"{t}@{d}": m / total for d, m in mass.items()}
+    return plan
+
+
+def passes_per_stage(cfg: TrainConfig, task: str, shares: dict[str, float]) -> dict[str, int]:
+    """How many times each stream's shards are listed so that one pass spans the stage (every new pass of
+    a streaming split re-plans and restarts its read tasks): the rows it must deliver (its share of the
+    samples of the task's steps, at the budget's tokens per step on every worker) over its rows, plus one
+    (at most 1,000: a large dataset needs 1)."""
+    from pipelines.reader import dataset_counts, token_count
+
+    cycle = task_schedule(cfg.data.ratios)
+    steps = cfg.steps * cycle.count(task) / len(cycle)
+    mod = TASK_MODALITY[task]
+    rows = {k: (sum(dataset_counts(cfg.data.shards, mod, "train").values()) if "@" not in k else
+                dataset_counts(cfg.data.shards, mod, "train").get(k.split("@", 1)[1], 0)) for k in shares}
+    tokens = {k: token_count(cfg.data.shards, mod, "train", dataset=k.split("@", 1)[1] if "@" in k else None) for k in shares}
+    per_sample = sum(shares[k] * tokens[k] / max(rows[k], 1) for k in shares)
+    samples = steps * cfg.scaling.num_workers * cfg.data.token_budget / max(per_sample, 1.0)
+    return {k: int(min(1000, max(1, -(-samples * shares[k] // max(rows[k], 1)) + 1))) for k in shares}
+
+
+def run_stage(cfg: TrainConfig, callbacks: list | None = None) -> StageResult:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.reader import read_shards
 
     cfg.validate()
-    root = stage_dir(cfg)
-    done = storage.join(root, DONE)
+    done = storage.join(run_dir(cfg), DONE)
     if storage.exists(done):
         res = StageResult(**json.loads(storage.read_bytes(done)))
         res.skipped = True
-        print(f"[stage {cfg.stage}] {cfg.run.name} already finished; nothing to do ({res.export})", flush=True)
+        log.info("stage %d: %s already finished; nothing to do (%s)", cfg.stage, cfg.run.name, res.export)
         return res
     t0 = time.time()
+    start = _prepare_remote(cfg)
+    t_start = time.time()
+    plan = stream_plan(cfg)
     datasets = {}
-    for task in cfg.tasks:
-        ds = read_shards(cfg.data.shards, modality=TASK_MODALITY[task], split="train", num_cpus=cfg.data.read_cpus,
-                         concurrency=cfg.data.read_concurrency or cfg.scaling.num_workers)
-        datasets[task] = ds
+    for t, shares in plan.items():
+        for key, repeat in passes_per_stage(cfg, t, shares).items():
+            datasets[key] = read_shards(cfg.data.shards, modality=TASK_MODALITY[t], split="train", num_cpus=cfg.data.read_cpus,
+                                        concurrency=cfg.data.read_concurrency or cfg.scaling.num_workers, repeat=repeat,
+                                        dataset=key.split("@", 1)[1] if "@" in key else None)
     ckpt_uri, ckpt_step = latest_checkpoint(cfg)
     fs, path = storage.pyarrow_filesystem(cfg.run.storage)
-    resources = cfg.scaling.worker_resources()
-    loop_config = {**dataclasses.asdict(cfg), "_resume_from": ckpt_uri}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"train": dataclasses.asdict(cfg), "resume_from": ckpt_uri, "streams": plan},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=cfg.scaling.worker_resources()),
         run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=path, storage_filesystem=fs,
+            name=cfg.run.name, storage_path=path, storage_filesystem=fs, callbacks=list(callbacks or []),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
         datasets=datasets,
     )
     if ckpt_uri:
-        print(f"[stage {cfg.stage}] resuming {cfg.run.name} from {ckpt_uri} (step {ckpt_step})", flush=True)
+        log.info("stage %d: resuming %s from %s (step %d)", cfg.stage, cfg.run.name, ckpt_uri, ckpt_step)
     result = trainer.fit()
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     final_ckpt = None
     if result.checkpoint is not None:
-        final_ckpt = (f"s3://{result.checkpoint.path}" if cfg.run.storage.startswith("s3://") else result.checkpoint.path)
-    res = StageResult(stage=cfg.stage, name=cfg.run.name, export=storage.join(root, "export"), checkpoint=final_ckpt,
+        final_ckpt = storage.unstrip(cfg.run.storage, result.checkpoint.path)
+    res = StageResult(stage=cfg.stage, name=cfg.run.name, export=export_dir(cfg), checkpoint=final_ckpt,
                       steps=int(metrics.get("step", cfg.steps)), metrics=metrics, wall_s=round(time.time() - t0, 1),
-                      resumed_from_step=ckpt_step)
+                      resumed_from_step=ckpt_step, start=start,
+                      startup_s={"prepare_start": round(t_start - t0, 2)})
     storage.commit_bytes(done, json.dumps(dataclasses.asdict(res), indent=1).encode())
     return res

@@ -63,7 +63,8 @@ def test_round_trip_covers_every_field_of_every_modality(ingested, small_corpus)
     for r in rows:
         m = manifest[r["item_id"]]
         seen[r["modality"]] += 1
-        assert (r["modality"], r["caption"], r["label"], r["split"]) == (m["modality"], m["caption"], m["label"], m["split"])
+        assert (r["modality"], r["caption"], r["label"], r["split"], r["dataset"]) == (
+            m["modality"], m["caption"], m["label"], m["split"], m["dataset"])
         px = decode_pixels(r)
         assert px.shape == (r["frames"], r["height"], r["width"], r["channels"]) and px.dtype == np.uint8
         assert r["height"] % 16 == 0 and r["width"] % 16 == 0 and max(r["height"], r["width"]) <= 128
@@ -84,9 +85,12 @@ def test_round_trip_covers_every_field_of_every_modality(ingested, small_corpus)
     ds = read_shards(str(out), modality="video")
     assert ds.count() == seen["video"]
     assert read_shards(str(out), split="eval").count() == sum(1 for r in rows if r["split"] == "eval")
+    photos = sum(1 for r in rows if r["dataset"] == "photos" and r["split"] == "train")
+    # a dataset filter and a repeated listing (a pass that spans a stage) read the same rows that many times
+    assert read_shards(str(out), modality="image", split="train", dataset="photos", repeat=7).count() == 7 * photos
     index = json.loads((out / "index.json").read_text())
     assert index["rows"] == len(rows) and all(s["bytes"] > 0 for s in index["shards"])
-    assert index["schema_version"] == 1 and index["code_version"]
+    assert index["schema_version"] == 2 and index["code_version"]
     summary_file = json.loads((out / "summary.json").read_text())
     assert summary_file["per_modality"]["video"]["items_in"] == 8 and summary_file["frames_per_s"] > 0
 

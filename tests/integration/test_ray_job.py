@@ -37,7 +37,7 @@ def test_ray_job_submit_fine_tunes_stage3_from_an_official_checkpoint(tmp_path, 
 
     from atoken.config import preset
     from atoken.model import AToken
-    from atoken.official import variant_config
+    from atoken.official import load_official, variant_config
 
     official = _official_checkpoint(tmp_path / "atoken-soc-tiny.safetensors")
     bin_dir = str(Path(sys.executable).parent)
@@ -48,9 +48,13 @@ def test_ray_job_submit_fine_tunes_stage3_from_an_official_checkpoint(tmp_path, 
         cmd = [str(Path(bin_dir, "ray")), "job", "submit", "--address", head.dashboard_url, "--working-dir", ".",
                "--runtime-env", "infra/ray/runtime_env.yaml", "--",
                "atoken", "run", "name=atoken-job", f"work_dir={work}", f"tracking_uri={mlflow_server}", "registered_model=atoken-job",
-               f"data.input={small_corpus}", "model=tiny", f"model.init_official={official}",
-               "model.official_variant=soc", "start_stage=3", "stop_after=3", "curriculum.stages.2.steps=2",
-               "curriculum.eval_items=4", "curriculum.gates.min_image_psnr=1.0"]
+               f"data.input={small_corpus}", "model=tiny", f"train.model.init_official={official}",
+               "train.model.official_variant=soc", "start_stage=3", "stop_after=3", "curriculum.stages.2.steps=2",
+               "eval.max_items=4",
+               # a two-step fine-tune of random official-format weights cannot beat the baselines: the
+               # quality gates are off here, this is about submitting the job and starting from the file
+               "curriculum.gates.image_vs_pca=null", "curriculum.gates.video_vs_pca=null",
+               "curriculum.gates.threed_vs_background=null"]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         out = proc.stdout + proc.stderr
         jobs = JobSubmissionClient(head.dashboard_url).list_jobs()
@@ -60,10 +64,11 @@ def test_ray_job_submit_fine_tunes_stage3_from_an_official_checkpoint(tmp_path, 
     assert len(jobs) == 1 and jobs[0].status == JobStatus.SUCCEEDED, jobs
     # The job's logs (tailed by `ray job submit`) show each step as it ran, and the summary table.
     for line in ("[workflow] workflow atoken-job", "[workflow] ingest: ", "[ingest] committed ",
-                 f"[workflow] stage 3: training 2 steps from official checkpoint {official} (soc)",
-                 "[workflow] stage 3: registered atoken-job version 1", "gates pass", "stage3-candidate"):
+                 f"stage 3 train: 2 steps of image_rec+image_und+video_rec+video_und+3d_rec+3d_und from official "
+                 f"checkpoint {official} (soc)", "stage 3 train: done", "registered atoken-job version 1",
+                 "stage 3 promote: gates pass", "stage3-candidate"):
         assert line in out, f"{line!r} not in the job's logs:\n{out[-4000:]}"
-    assert "stage 1:" not in out and "stage 2:" not in out
+    assert "stage 1 " not in out and "stage 2 " not in out
     assert "Uploading package gcs://" in out  # the working dir went to the cluster, without .venv/.git
 
     client = MlflowClient(mlflow_server)
@@ -74,7 +79,7 @@ def test_ray_job_submit_fine_tunes_stage3_from_an_official_checkpoint(tmp_path, 
 
     # The stage started from the official weights: two small steps away from them, far from a fresh init.
     trained = AToken.from_pretrained(version.tags["export"]).state_dict()
-    start = AToken.from_official(official, "soc", variant_config("soc", base="tiny")).state_dict()
+    start = load_official(official, "soc", variant_config("soc", base="tiny")).state_dict()
     torch.manual_seed(8)
     fresh = AToken(preset("tiny", latent_channels=48)).state_dict()
     names = [k for k in start if k.startswith("encoder.") and k.endswith(".weight") and start[k].dim() == 2]

@@ -94,9 +94,13 @@ def test_3dgs_assets_have_inria_layout_and_valid_values(corpus):
 
 
 def test_split_is_deterministic_and_covers_every_modality(corpus, tmp_path):
+    """Byte-deterministic: a second build (another folder, other processes busy) gives the same manifest,
+    whose sha256 column covers every file, videos encoded by x264 included."""
     out, manifest, rows = corpus
     again = build_corpus(tmp_path / "again")
     assert again.read_bytes() == manifest.read_bytes()
+    assert all(r["dataset"] for r in rows) and {r["dataset"] for r in rows} == {
+        "photos", "mnist", "clips", "camera_moves", "scans"}
     for modality in ("image", "video", "3d"):
         splits = Counter(r["split"] for r in rows if r["modality"] == modality)
         assert splits["eval"] >= 1 and splits["train"] >= 2, (modality, splits)
@@ -113,3 +117,19 @@ def test_cli_builds_corpus(tmp_path):
     rows = read_manifest(tmp_path / "c" / "manifest.jsonl")
     assert sum(1 for r in rows if r["id"].startswith("digit_")) == 50
     assert all(r["extra"]["gaussians"] == 500 for r in rows if r["modality"] == "3d")
+
+
+def test_a_rerun_keeps_a_complete_corpus_and_rebuilds_a_damaged_one(tmp_path):
+    from preprocess.sample_corpus import CorpusConfig
+
+    cfg = CorpusConfig(digits_per_class=1, gaussians_per_asset=300)
+    manifest = build_corpus(tmp_path / "c", cfg)
+    video = next(p for p in (tmp_path / "c" / "videos").iterdir())
+    stamp = video.stat().st_mtime_ns
+    assert build_corpus(tmp_path / "c", cfg) == manifest and video.stat().st_mtime_ns == stamp  # kept, not rebuilt
+    original = video.read_bytes()
+    video.write_bytes(b"damaged")
+    build_corpus(tmp_path / "c", cfg)
+    assert video.read_bytes() == original  # a file that no longer matches its sha256 is rebuilt
+    build_corpus(tmp_path / "c", CorpusConfig(digits_per_class=2, gaussians_per_asset=300))
+    assert sum(1 for r in read_manifest(manifest) if r["dataset"] == "mnist") == 20  # another config rebuilds

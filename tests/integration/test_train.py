@@ -28,12 +28,13 @@ def train_shards(ray_cluster, small_corpus, tmp_path_factory):
 
 
 def _cfg(shards: str, storage: str, name: str, steps: int, ratios: dict):
-    from trainers.config import StageConfig
+    from trainers.config import TrainConfig
 
-    c = StageConfig(steps=steps)
+    c = TrainConfig(steps=steps)
     c.data.shards, c.data.ratios, c.data.token_budget, c.data.max_tokens_per_sample = shards, ratios, 256, 256
     c.run.storage, c.run.name, c.run.checkpoint_every, c.run.report_every = storage, name, 2, 2
     c.losses.feature_resolution, c.optim.warmup_steps, c.scaling.cpus_per_worker = 64, 2, 0.9
+    c.losses.perceptual.start = 4  # the feature network joins half-way: both paths run
     return c
 
 
@@ -53,7 +54,8 @@ def _worker_pids() -> list[int]:
 
 def test_killed_worker_resumes_from_checkpoint_and_rerun_is_a_noop(train_shards, tmp_path):
     from atoken.model import AToken
-    from trainers.stage import latest_checkpoint, run_stage
+    from trainers.checkpoint import latest_checkpoint
+    from trainers.stage import run_stage
 
     cfg = _cfg(train_shards, str(tmp_path / "runs"), "killtest", 8, {"image_rec": 1.0, "image_und": 1.0})
     box: dict = {}
@@ -74,8 +76,9 @@ def test_killed_worker_resumes_from_checkpoint_and_rerun_is_a_noop(train_shards,
     assert steps == sorted(set(steps)) and steps[-1] == 8  # the counter continued, no step reported twice
     assert set(_worker_pids()).isdisjoint(pids)  # the worker group was replaced
     for k in ("tokens_per_s", "samples_per_s", "data_wait_fraction", "peak_memory_mb", "lr", "loss/image_rec/l1",
-              "loss/image_und/sem"):
+              "loss/image_und/sem", "loss/image_rec/perceptual"):
         assert k in history[-1], k
+    assert "loss/image_rec/perceptual" not in history[0]  # scheduled from step 4: no feature forward before
     phases = {k: history[-1][f"time/{k}_s"] for k in ("data", "select", "forward", "backward", "optimizer", "ema", "step")}
     parts = sum(v for k, v in phases.items() if k != "step")
     assert phases["forward"] > 0 and phases["backward"] > 0 and parts == pytest.approx(phases["step"], rel=1e-6)

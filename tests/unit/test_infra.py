@@ -190,8 +190,8 @@ def test_rayjob_runs_the_workflow_on_the_same_cluster_and_cleans_up():
     assert job["rayClusterSpec"] == {k: v for k, v in cluster.items() if k != "gcsFaultToleranceOptions"}
     argv = shlex.split(job["entrypoint"])
     assert argv[:2] == ["atoken", "run"]
-    cfg = load("run", argv[2:])  # every override in the entrypoint is a valid, typed key
-    assert cfg.cluster.use_gpu and cfg.cluster.storage.startswith("s3://")
+    cfg = load("run", argv[2:]).validate()  # every override in the entrypoint is a valid, typed key
+    assert cfg.train.scaling.use_gpu and cfg.cluster.storage.startswith("s3://")
     env = yaml.safe_load(job["runtimeEnvYAML"])
     assert env["env_vars"] == _yaml(INFRA / "ray" / "runtime_env.yaml")["env_vars"]
     assert cfg.tracking_uri == _mlflow_cluster_uri()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from atoken.metrics import frechet_distance, linear_probe_accuracy, psnr, retrieval_recall, ssim, zero_shot_accuracy
-from atoken.pca_floor import PatchPCA
+from atoken.pca_floor import TokenPCA
 
 pytestmark = pytest.mark.unit
 
@@ -43,12 +43,26 @@ def test_understanding_metrics():
     assert linear_probe_accuracy(x[::2], y[::2], x[1::2], y[1::2]) > 0.95
 
 
-def test_pca_floor_improves_with_components():
+def _patch_psnr(rec: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(10 * torch.log10(4 / (rec.clamp(-1, 1) - ref).pow(2).mean()))
+
+
+def test_pca_floor_improves_with_components_and_fsq_costs_what_its_bits_allow():
     from skimage import data
 
-    img = data.astronaut()[:256, :256] / 255.0
-    low, high = PatchPCA(8).fit([img]).psnr(img), PatchPCA(48).fit([img]).psnr(img)
-    assert 20 < low < high
+    from atoken.bottleneck import FSQ
+    from atoken.patchify import image_to_tokens
+
+    tok = lambda im: image_to_tokens(torch.tensor(im / 127.5 - 1).float())[0][:, :768]  # noqa: E731
+    train, held = tok(data.astronaut()[:256, :256]), tok(data.astronaut()[256:, 256:])
+    low, high = (_patch_psnr(TokenPCA(k).fit(train).reconstruct(held), held) for k in (8, 48))
+    assert 18 < low < high
+    fsq = FSQ((4,) * 6, 8)
+    quantised = TokenPCA(48).fit(train).with_quantizer(lambda z: fsq(z)[0], train)
+    q = _patch_psnr(quantised.reconstruct(held), held)
+    plain = TokenPCA(48).fit(train)
+    plain.quantize, plain.gains, plain.scales = (lambda z: fsq(z)[0]), torch.ones(48), torch.ones(48)
+    assert _patch_psnr(plain.reconstruct(held), held) < q < high  # fitted gains beat a raw quantiser, lose to float
 
 
 def test_feature_losses_use_packaged_mobilenet_and_respond_to_structure():
@@ -69,6 +83,28 @@ def test_feature_losses_use_packaged_mobilenet_and_respond_to_structure():
     pred = blurred.clone().requires_grad_()
     loss(pred, img)["total"].backward()
     assert pred.grad.abs().sum() > 0
+
+
+def test_feature_weights_follow_their_schedule_and_skip_the_network_while_zero():
+    from atoken.losses import ImageReconstructionLoss, LossWeights, Scheduled
+
+    w = LossWeights(perceptual=Scheduled(10.0, start=100, ramp=50), gram=Scheduled(0.0), clip=Scheduled(1.0, start=200))
+    assert [w.perceptual.at(s) for s in (0, 99, 100, 124, 149, 500)] == [0, 0, 0.2, 5.0, 10.0, 10.0]
+    assert w.feature_weights(150) == {"perceptual": 10.0, "gram": 0.0, "clip": 0.0}
+
+    class Counting(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            Counting.calls += 1
+            return [x.mean(1, keepdim=True) - 0.5], x.flatten(1)
+
+    loss = ImageReconstructionLoss(w, Counting())
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    before = loss(x, -x, step=50)
+    assert Counting.calls == 0 and set(before) == {"l1", "mse", "total"}  # no network forward while all weights are 0
+    after = loss(x, -x, step=150)
+    assert Counting.calls == 2 and after["total"] > before["total"] and "perceptual" in after
 
 
 def test_missing_weights_name_the_setting(tmp_path):

@@ -85,8 +85,10 @@ def test_rope_logits_invariant_to_common_shift_and_sensitive_to_relative():
 
 
 def test_attention_never_crosses_samples_bit_identical(tiny):
+    """Same shapes, other values in the neighbouring sample: the first sample's output is bit-identical
+    (same kernels run on every CPU); packed alone (other shapes) it agrees within a stated tolerance."""
     a = torch.rand(32, 48, 3) * 2 - 1
-    b1, b2 = torch.rand(8, 32, 32, 3) * 2 - 1, torch.rand(4, 64, 16, 3) * 2 - 1
+    b1, b2 = torch.rand(8, 32, 32, 3) * 2 - 1, torch.rand(8, 32, 32, 3) * 2 - 1
     with torch.no_grad():
         out1 = tiny(tiny.pack([("image", a), ("video", b1)]), sample=False)
         out2 = tiny(tiny.pack([("image", a), ("video", b2)]), sample=False)
@@ -132,13 +134,17 @@ def test_grow_latent_32_to_48_keeps_reconstruction(tiny):
         before = m(b, sample=False)["rec"]
         m.grow_latent(48)
         after = m(b, sample=False)
-        # sampling noise on the new channels must not reach the decoder either
-        g = torch.Generator().manual_seed(0)
-        sampled_old = m(b, sample=True, generator=g)["rec"]
+        # whatever the new channels hold (posterior noise, anything), the zero-grown decoder ignores it
+        noisy = after["latent"].clone()
+        noisy[:, 32:] = torch.randn(len(noisy), 16) * 10
+        rec_noisy = m.decode_sparse(noisy, b.coords)
+        moved = after["latent"].clone()
+        moved[:, :32] += 0.5  # while the old channels still drive it
+        rec_moved = m.decode_sparse(moved, b.coords)
     assert m.config.latent_channels == 48 and after["latent"].shape[1] == 48
     assert torch.allclose(after["rec"], before, atol=1e-6)
     assert torch.allclose(after["latent"][:, :32], m.encode_sparse(b).posterior.mean[:, :32])
-    assert sampled_old.shape == before.shape
+    assert torch.equal(rec_noisy, after["rec"]) and (rec_moved - after["rec"]).abs().max() > 1e-2
 
 
 def test_fsq_round_trip_and_straight_through_gradient():
@@ -167,8 +173,9 @@ def test_semantic_head_and_losses():
     assert siglip_sigmoid_loss(v, t_match, m.logit_scale, m.logit_bias) < siglip_sigmoid_loss(v, t_shuf, m.logit_scale, m.logit_bias)
     s = torch.randn(4, 6)
     assert distillation_kl(s, s).abs() < 1e-6 and distillation_kl(s, s.flip(1)) > 0
-    w = LossWeights()
-    assert (w.rec, w.sem, w.kl, w.l1, w.perceptual, w.gram, w.clip, w.distill_tau) == (0.2, 1.0, 1e-8, 1, 10, 1e3, 1, 2)
+    w = LossWeights()  # the paper's weights, constant unless a schedule is set
+    assert (w.rec, w.sem, w.kl, w.l1, w.mse, w.distill_tau) == (0.2, 1.0, 1e-8, 1, 0, 2)
+    assert [(x.weight, x.start, x.ramp) for x in (w.perceptual, w.gram, w.clip)] == [(10, 0, 0), (1e3, 0, 0), (1, 0, 0)]
 
 
 def test_encode_decode_api_and_fsq_codes(tiny):
@@ -202,13 +209,15 @@ def test_save_load_round_trip_is_bit_identical_and_pickle_free(tiny, tmp_path):
 def test_from_siglip2_initialises_encoder_from_local_checkpoint(tmp_path):
     from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
+    from atoken.siglip2 import init_encoder_from_siglip2
+
     torch.manual_seed(0)
     vcfg = Siglip2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                                num_patches=256, patch_size=16)
     hf = Siglip2VisionModel(vcfg).eval()
     hf.save_pretrained(tmp_path / "siglip2")
     cfg = preset("tiny", encoder_model_channels=64, encoder_num_blocks=2, encoder_num_heads=2, encoder_mlp_channels=128)
-    m = AToken.from_siglip2(tmp_path / "siglip2", cfg).eval()
+    m = init_encoder_from_siglip2(tmp_path / "siglip2", cfg).eval()
     w = hf.state_dict()["embeddings.patch_embedding.weight"]
     assert torch.equal(m.encoder.input_layer.weight[:, :768], w)
     assert m.encoder.input_layer.weight[:, 768:].abs().sum() == 0  # temporal slots zero-initialised
@@ -222,6 +231,6 @@ def test_from_siglip2_initialises_encoder_from_local_checkpoint(tmp_path):
     torch.testing.assert_close(ours.tokens, ref.last_hidden_state[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.semantic_raw, ref.pooler_output, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="encoder_model_channels"):
-        AToken.from_siglip2(tmp_path / "siglip2", preset("tiny"))
+        init_encoder_from_siglip2(tmp_path / "siglip2", preset("tiny"))
     with pytest.raises(FileNotFoundError, match="model.siglip2_path"):
-        AToken.from_siglip2(tmp_path / "nowhere", cfg)
+        init_encoder_from_siglip2(tmp_path / "nowhere", cfg)

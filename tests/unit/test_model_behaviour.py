@@ -92,7 +92,9 @@ def test_kv_cache_changes_and_no_cache_matches_windowed_decoding():
         full = m.decode_sparse(lat, batch.coords)
         no_cache = torch.cat([r for r, _ in m.decoder.stream(lat, batch.coords, 0)])
         cached = torch.cat([r for r, _ in m.decoder.stream(lat, batch.coords, 1)])
-    assert torch.equal(no_cache, full)
+    # tiles run as separate, smaller computations than the whole sequence (other kernel blockings on other
+    # CPUs), so agreement is to rounding, not bits; the cache's effect is orders of magnitude larger
+    torch.testing.assert_close(no_cache, full, atol=1e-5, rtol=1e-5)
     n_first_tile = 4 * 4  # 4 latent frames x 2x2 patches: the first tile has no cache to read
-    assert torch.equal(cached[:n_first_tile], full[:n_first_tile])
-    assert (cached[n_first_tile:] - full[n_first_tile:]).abs().max() > 1e-4
+    torch.testing.assert_close(cached[:n_first_tile], full[:n_first_tile], atol=1e-5, rtol=1e-5)
+    assert (cached[n_first_tile:] - full[n_first_tile:]).abs().max() > 1e-3

@@ -1,0 +1,67 @@
+"""DeepSpeed ZeRO-3 for one stage: its config from the stage's training config, the optimiser's parameter
+groups, and the worker's thread settings."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from trainers.config import TrainConfig
+from trainers.data import lr_lambda
+
+
+def set_threads(cfg: TrainConfig) -> int:
+    """Torch / OpenMP threads of a training worker. Ray workers do not get torchrun's OMP_NUM_THREADS=1,
+    and an unset thread count oversubscribes the node (docs/benchmarks.md)."""
+    n = cfg.scaling.threads()
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+    return n
+
+
+def deepspeed_config(cfg: TrainConfig, gpu: bool) -> dict:
+    bf16 = cfg.scaling.precision == "bf16" or (cfg.scaling.precision == "auto" and gpu)
+    persist = cfg.scaling.zero_persistence_threshold
+    if persist < 0:
+        persist = 100_000 if gpu else 0
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False,
+                              "stage3_param_persistence_threshold": persist},
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "weight_decay": cfg.optim.weight_decay,
+            "eps": 1e-8, "torch_adam": not gpu}},  # CPU: torch's AdamW, no FusedAdam JIT build
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(module: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Encoder at lr x its multiplier (0.1 only when the encoder really is pretrained); no weight decay
+    on norms, biases, tables and scalars."""
+    mult = cfg.optim.encoder_multiplier(cfg.model.pretrained_encoder)
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        enc = name.startswith("model.encoder.")
+        decay = p.ndim >= 2 and "position_embedding" not in name
+        groups.setdefault((enc, decay), []).append(p)
+    return [{"params": ps, "lr": cfg.optim.lr * (mult if enc else 1.0),
+             "weight_decay": cfg.optim.weight_decay if decay else 0.0, "name": f"{'enc' if enc else 'rest'}-{'wd' if decay else 'nowd'}"}
+            for (enc, decay), ps in sorted(groups.items())]
+
+
+def build_engine(module: torch.nn.Module, cfg: TrainConfig, gpu: bool):
+    """deepspeed.initialize on the process group Ray Train set up."""
+    import deepspeed
+
+    schedule = lr_lambda(cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, model_parameters=param_groups(module, cfg), config=deepspeed_config(cfg, gpu),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule), dist_init_required=False)
+    return engine
