@@ -203,9 +203,16 @@ class AttentionPoolingHead(nn.Module):
         H, D = self.heads, self.head_dim
         q = self.attention.to_q(self.probe).view(1, H, 1, D)
         kv = self.attention.to_kv(x).view(len(x), 2, H, D)
-        outs = []
-        for a, b in zip(sample_cu[:-1], sample_cu[1:]):
-            k, v = kv[a:b, 0].transpose(0, 1)[None], kv[a:b, 1].transpose(0, 1)[None]
-            outs.append(F.scaled_dot_product_attention(q.to(k.dtype), k, v).reshape(-1))
-        o = self.attention.to_out(torch.stack(outs))
+        pooled = kv.new_empty(len(sample_cu) - 1, H * D)
+        by_len: dict[int, list[int]] = {}  # samples of equal token count pooled in one call
+        for i, (a, b) in enumerate(zip(sample_cu[:-1], sample_cu[1:])):
+            by_len.setdefault(b - a, []).append(i)
+        for n, rows in by_len.items():
+            starts = torch.tensor([sample_cu[i] for i in rows], device=x.device)
+            idx = (starts[:, None] + torch.arange(n, device=x.device)[None]).reshape(-1)
+            k = kv[idx, 0].view(len(rows), n, H, D).transpose(1, 2)
+            v = kv[idx, 1].view(len(rows), n, H, D).transpose(1, 2)
+            att = F.scaled_dot_product_attention(q.to(k.dtype).expand(len(rows), H, 1, D), k, v)
+            pooled[torch.tensor(rows, device=x.device)] = att.reshape(len(rows), H * D)
+        o = self.attention.to_out(pooled)
         return o + self.mlp(self.layernorm(o))

@@ -48,7 +48,7 @@ class LossWeights:
     gram: Scheduled = field(default_factory=lambda: Scheduled(1e3))
     clip: Scheduled = field(default_factory=lambda: Scheduled(1.0))
     render_ssim: float = 0.2
-    distill_tau: float = 2.0
+    distill_tau: float = 2.0  # image understanding distils from the teacher when one is configured
 
     def validate(self) -> "LossWeights":
         for f in fields(LossWeights):

@@ -47,12 +47,10 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     if len(a) < 2 or len(b) < 2:
         raise ValueError("frechet_distance needs at least 2 samples per set")
     mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        eps = np.eye(len(s1)) * 1e-6
-        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
-    covmean = covmean.real
+    # fewer samples than dimensions leave the covariances singular: a small ridge keeps sqrtm well posed
+    eps = np.eye(a.shape[1]) * 1e-6
+    s1, s2 = np.cov(a, rowvar=False) + eps, np.cov(b, rowvar=False) + eps
+    covmean = linalg.sqrtm(s1 @ s2).real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 

@@ -112,3 +112,55 @@ class SigLIP2Vision(nn.Module):
                           output_hidden_states=True)
         maps = [h.transpose(1, 2).reshape(N, -1, gh, gw) for h in out.hidden_states[1::4]]
         return maps, F.normalize(out.pooler_output, dim=-1)
+
+
+class SigLIP2Teacher(nn.Module):
+    """Frozen SigLIP2 (vision and text towers of one checkpoint) as the distillation teacher: image-text
+    similarities in its own space (paper §3.3: KL(softmax(s_teacher/τ) ‖ softmax(s_student/τ)) over the
+    texts, both against the same frozen text encoder). Text goes through the checkpoint's tokenizer,
+    lowercased, padded to 64 tokens as SigLIP2 was trained."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        from transformers import AutoTokenizer
+
+        model, _ = load_siglip2(path, "losses.teacher_path")
+        if not hasattr(model, "get_text_features") or not hasattr(model, "vision_model"):
+            raise ValueError(f"losses.teacher_path={path}: needs a full SigLIP2 checkpoint (vision and text towers)")
+        self.model = model
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.patch = model.config.vision_config.patch_size
+        self.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "SigLIP2Teacher":
+        return super().train(False)
+
+    @torch.no_grad()
+    def text_embed(self, texts: list[str]) -> torch.Tensor:
+        t = self.tokenizer([x.lower() for x in texts], padding="max_length", max_length=64, truncation=True,
+                           return_tensors="pt")
+        out = self.model.get_text_features(input_ids=t["input_ids"].to(self.model.device))
+        out = getattr(out, "pooler_output", out)
+        return F.normalize(out.float(), dim=-1)
+
+    @torch.no_grad()
+    def image_embed(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """images [H, W, 3] in [-1, 1] (any sizes) -> [N, D], one NaFlex pass each."""
+        out = []
+        p = self.patch
+        for x in images:
+            gh, gw = x.shape[0] // p, x.shape[1] // p
+            patches = x[: gh * p, : gw * p].reshape(gh, p, gw, p, 3).permute(0, 2, 1, 3, 4).reshape(1, gh * gw, -1)
+            feats = self.model.get_image_features(
+                pixel_values=patches.to(self.model.device, torch.float32),
+                pixel_attention_mask=torch.ones(1, gh * gw, dtype=torch.long, device=self.model.device),
+                spatial_shapes=torch.tensor([[gh, gw]], device=self.model.device))
+            out.append(getattr(feats, "pooler_output", feats)[0])
+        return F.normalize(torch.stack(out).float(), dim=-1)
+
+    def similarities(self, images: list[torch.Tensor], texts: list[str]) -> torch.Tensor:
+        """[N_images, N_texts] logits in the teacher's space (its learned scale and bias)."""
+        s = self.image_embed(images) @ self.text_embed(texts).T
+        scale = self.model.logit_scale.exp() if hasattr(self.model, "logit_scale") else 1.0
+        bias = self.model.logit_bias if hasattr(self.model, "logit_bias") else 0.0
+        return s * scale + bias

@@ -34,7 +34,9 @@ class MiniLMTextTower(TextTower):
         if not Path(path).is_dir():
             raise FileNotFoundError(f"text.path={path}: not a directory")
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a weight-loading bar per load is console noise
         self.model = SentenceTransformer(str(path), device="cpu")
         self.name, self.dim = "all-MiniLM-L6-v2", self.model.get_embedding_dimension()
 

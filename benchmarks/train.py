@@ -1,11 +1,11 @@
 """Training throughput: Ray Train + DeepSpeed ZeRO-3 with 2 CPU workers vs a plain single-process
 PyTorch loop (2 threads) of the same model, losses and global batch, in the same run.
 
-    python benchmarks/train.py [--steps 30] [--preset tiny|base] [--budget 2048] [--repeat 300]
+    python benchmarks/train.py [--steps 30] [--preset tiny|base] [--budget <TrainConfig's>] [--repeat 300]
         [--zero-persistence -1]
 
 Prints tokens/s of both (the distributed figure excludes the first report window: start-up and warm-up),
-their ratio (target >= 0.7) and the distributed run's data-wait fraction (target <= 5%).
+their ratio (target >= 0.9) and the distributed run's data-wait fraction (target <= 2%).
 
 The sample corpus's 15 photos (48-64 tokens at 128 px) are listed `--repeat` times under distinct ids:
 listed once, an epoch ended every two steps and Ray Data's per-epoch restart of the streaming split took
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from trainers.config import TrainConfig
 
 OVERRIDES = ["image.max_side=128", "video.max_side=64", "threed.views=4", "threed.resolution=64", "threed.grid=8"]
 
@@ -60,13 +62,11 @@ def plain_loop_tokens_per_s(shards: str, preset_name: str, budget: int, steps: i
 
 
 def main() -> None:
-    from trainers.config import StageConfig
-
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--budget", type=int, default=2048,
-                    help="tokens per worker per step (ZeRO-3's cost per step is fixed; the paper's image "
-                         "reconstruction batches put ~16k-65k tokens on each GPU)")
+    ap.add_argument("--budget", type=int, default=TrainConfig().data.token_budget,
+                    help="tokens per worker per step; default: the stage config's (ZeRO-3's cost per step is "
+                         "fixed; the paper's image reconstruction batches put ~16k-65k tokens on each GPU)")
     ap.add_argument("--preset", default="tiny", help="model preset (tiny: 1.2M parameters, base: 190M)")
     ap.add_argument("--repeat", type=int, default=300, help="times each photo is listed (distinct ids)")
     ap.add_argument("--zero-persistence", type=int, default=-1,
@@ -90,7 +90,8 @@ def main() -> None:
     # the baseline runs before and after the distributed run; their mean evens out drift on a shared machine
     base = [plain_loop_tokens_per_s(str(d / "shards"), args.preset, args.budget, args.steps)]
 
-    cfg = StageConfig(steps=args.steps)
+    cfg = TrainConfig(steps=args.steps)
+    cfg.init.fresh = "default"  # the baseline's plain init: both sides train the same computation
     cfg.model.preset = args.preset
     cfg.data.shards, cfg.data.ratios = str(d / "shards"), {"image_rec": 1.0}
     cfg.data.token_budget = cfg.data.max_tokens_per_sample = args.budget

@@ -87,7 +87,7 @@ class Tracker:
         return Step(name, key, rid, False)
 
     def metrics(self, step: Step, metrics: dict, at: int | None = None) -> None:
-        clean = [mlflow.entities.Metric(k.replace("/", "."), float(v), int(time.time() * 1000), at or 0)
+        clean = [mlflow.entities.Metric(k, float(v), int(time.time() * 1000), at or 0)
                  for k, v in metrics.items() if isinstance(v, (int, float)) and v == v]
         for i in range(0, len(clean), 500):
             self.client.log_batch(step.run_id, metrics=clean[i:i + 500])
@@ -117,6 +117,23 @@ class Tracker:
         for p in sorted(Path(directory).glob("*.png")):
             self.client.log_image(step.run_id, Image.open(p).convert("RGB"), key=p.stem, step=n)
 
+    def system_metrics(self, step: Step):
+        """MLflow's system-metrics monitor (CPU, memory, GPU of this node) on a step's run while it runs."""
+        import contextlib
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        @contextlib.contextmanager
+        def monitor():
+            m = SystemMetricsMonitor(step.run_id, sampling_interval=5, samples_before_logging=1)
+            m.start()
+            try:
+                yield m
+            finally:
+                m.finish()
+
+        return monitor()
+
     def finish(self, step: Step, status: str = "FINISHED", description: str | None = None) -> None:
         if description is not None:
             self.client.set_tag(step.run_id, NOTE, description)
@@ -138,18 +155,59 @@ def register_version(tracker: Tracker, step: Step, model_name: str, export_local
         existing = []
     if existing:
         return str(max(int(v.version) for v in existing))
-    from orchestration.pyfunc import ATokenPyfunc
-
     # the fluent API logs into the active experiment: make it the workflow's, whatever the caller set
     mlflow.set_experiment(experiment_id=tracker.experiment_id)
     with mlflow.start_run(run_id=step.run_id):
-        info = mlflow.pyfunc.log_model(name="model", python_model=ATokenPyfunc(), artifacts={"export": export_local},
-                                       pip_requirements=["torch==2.13.0", "safetensors", "pillow", "numpy"],
-                                       registered_model_name=model_name)
-    version = str(info.registered_model_version)
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(Path(__file__).with_name("pyfunc.py")),  # models-from-code: no pickle
+            artifacts={"export": export_local}, signature=pyfunc_signature(), input_example=pyfunc_input_example(),
+            pip_requirements=["torch==2.13.0", "safetensors", "pillow", "numpy", "atoken-pipeline"])
+    try:
+        client.create_registered_model(model_name)
+    except mlflow.exceptions.MlflowException:
+        pass  # registered already
+    version = str(client.create_model_version(model_name, info.model_uri, run_id=step.run_id).version)
     for k, v in {**tags, STEP_KEY: step.key}.items():
         client.set_model_version_tag(model_name, version, k, str(v))
+    describe_registered_model(client, model_name)
     return version
+
+
+def pyfunc_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
+                          params=ParamSchema([ParamSpec("mode", "string", "encode")]))
+
+
+def pyfunc_input_example():
+    """One encoded 32x32 picture: what a client sends (bytes of a PNG) in the signature's `image` column."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(np.linspace(0, 255, 32, dtype=np.uint8)[:, None, None], (1, 32, 3))).save(buf, format="PNG")
+    return pd.DataFrame({"image": [buf.getvalue()]})
+
+
+ALIASES_DOC = """AToken tokenizer versions, one per curriculum stage of a workflow run (the version's tags say
+which stage, from which version it started, and its evaluation metrics; its description lists them beside
+their baselines).
+
+Aliases:
+- `stageN-candidate`: the version stage N registered, before its gates were checked.
+- `stageN`: the version stage N promoted (every gate passed); stage N+1 starts from it.
+- `champion`: the latest promoted version: what downstream users load (`models:/{name}@champion`).
+Moved only by the workflow's promote steps or `atoken promote` / `atoken rollback` (which keeps each
+alias's previous holders as the tag `alias_history.<alias>`)."""
+
+
+def describe_registered_model(client: MlflowClient, name: str) -> None:
+    client.update_registered_model(name, description=ALIASES_DOC.replace("{name}", name))
 
 
 def alias_holder(client: MlflowClient, model: str, alias: str) -> str | None:
@@ -212,9 +270,9 @@ class LiveMetrics(_UserCallback):
         m = metrics[0]  # rank 0's window (throughputs in it are totals over the ranks)
         step = int(m.get("step", 0))
         now = int(time.time() * 1000)
-        batch = [mlflow.entities.Metric(f"train.{k}".replace("/", "."), float(v), now, step)
+        batch = [mlflow.entities.Metric(f"train/{k}", float(v), now, step)
                  for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and v == v]
-        batch.append(mlflow.entities.Metric("train.progress", step / max(self.steps, 1), now, step))
+        batch.append(mlflow.entities.Metric("train/progress", step / max(self.steps, 1), now, step))
         for i in range(0, len(batch), 500):
             self._client.log_batch(self.run_id, metrics=batch[i:i + 500])
 
@@ -244,12 +302,12 @@ def describe_version(stage: int, m: dict) -> str:
 def _running_progress(client: MlflowClient, run) -> str:
     """`step s/N, loss ..., tokens/s, ETA` of a running training step, from its live metrics."""
     m = run.data.metrics
-    if "train.steps_total" not in m:
+    if "train/steps_total" not in m:
         return "starting"
-    step, total = int(m.get("train.progress", 0) * m["train.steps_total"] + 0.5), int(m["train.steps_total"])
-    losses = {k: v for k, v in m.items() if k.startswith("train.loss.") and k.endswith(".total")}
-    loss = "  ".join(f"{k.split('.')[2]} {v:.4f}" for k, v in sorted(losses.items()))
-    hist = client.get_metric_history(run.info.run_id, "train.progress")
+    step, total = int(m.get("train/progress", 0) * m["train/steps_total"] + 0.5), int(m["train/steps_total"])
+    losses = {k: v for k, v in m.items() if k.startswith("train/loss/") and k.endswith("/total")}
+    loss = "  ".join(f"{k.split('/')[2]} {v:.4f}" for k, v in sorted(losses.items()))
+    hist = client.get_metric_history(run.info.run_id, "train/progress")
     eta = ""
     if len(hist) >= 2:
         hist = sorted(hist, key=lambda x: x.timestamp)
@@ -257,7 +315,7 @@ def _running_progress(client: MlflowClient, run) -> str:
         rate = (last.value - first.value) / max((last.timestamp - first.timestamp) / 1000, 1e-6)
         if rate > 0:
             eta = f", ETA {max(0.0, (1 - last.value) / rate):.0f} s"
-    return f"step {step}/{total}, {m.get('train.tokens_per_s', 0):.0f} tokens/s{eta}; {loss}"
+    return f"step {step}/{total}, {m.get('train/tokens_per_s', 0):.0f} tokens/s{eta}; {loss}"
 
 
 def workflow_status(tracking_uri: str, experiment: str, registered_model: str) -> str:
@@ -280,9 +338,9 @@ def workflow_status(tracking_uri: str, experiment: str, registered_model: str) -
         detail = ""
         if name.endswith(".train"):
             detail = (_running_progress(client, s) if s.info.status == "RUNNING" else
-                      f"v{t.get('output.version', '?')}, {m.get('train.tokens_per_s', 0):.0f} tokens/s")
+                      f"v{t.get('output.version', '?')}, {m.get('train/tokens_per_s', 0):.0f} tokens/s")
         elif name.endswith(".eval"):
-            keys = [k for k in m if k.endswith("/psnr") or k.endswith(".psnr")]
+            keys = [k for k in m if k.endswith("/psnr") and "/pca" not in k and "mean_colour" not in k]
             detail = ", ".join(f"{k[5:]} {m[k]:.2f}" for k in sorted(keys)[:4])
         elif name.endswith(".promote"):
             fails = json.loads(t.get("output.gate_failures", "[]"))

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from orchestration.console import StageProgress, setup_logging
 from orchestration.gates import check_gates, image_datasets, image_floor, video_floor
 from orchestration.ray_env import ensure_ray
 from orchestration.tracking import LiveMetrics, Tracker, describe_version, promote, register_version
@@ -73,13 +74,17 @@ def run_workflow(cfg: WorkflowConfig) -> dict:
     t0 = time.time()
     work = Path(cfg.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    log_file = setup_logging(cfg.verbose, work / "logs")
     storage_root = cfg.cluster.storage or str(work / "storage")
     tracking = cfg.resolved_tracking_uri()
     ensure_ray(cfg.cluster.ray_address or None, cfg.cluster.num_cpus or None, verbose=cfg.verbose, log_dir=work / "logs")
     import ray
 
     ray_job = os.environ.get("RAY_JOB_ID") or ray.get_runtime_context().get_job_id()
-    tags = {"atoken.code_version": code_version(), "atoken.ray_job_id": str(ray_job)}
+    ray_logs = _ray_log_dir()
+    tags = {"atoken.code_version": code_version(), "atoken.ray_job_id": str(ray_job),
+            "atoken.ray_submission_id": _submission_id(),
+            "atoken.log_dir": f"{log_file} and Ray's session logs {ray_logs}"}
     wf_key = step_key(cfg.name, cfg.registered_model, storage_root)
     tracker = Tracker(tracking, cfg.name, wf_key, artifact_location=(work / "mlartifacts").as_uri() if tracking.startswith("sqlite:") else None)
     client, model_name = tracker.client, cfg.registered_model
@@ -134,14 +139,32 @@ def run_workflow(cfg: WorkflowConfig) -> dict:
             log.error("stage %d: gates failed; aliases stage%d and champion not moved:\n  %s", n, n, report)
             tracker.finish_workflow("FAILED")
             _with_aliases(rows, client, model_name)
-            print_summary(rows, work, tracking, time.time() - t0)
+            print_summary(rows, work, tracking, time.time() - t0, log_file, ray_logs)
             raise GateFailed(f"stage {n} (version {version}) failed its gates:\n  {report}")
         previous, prev_eval_key, init_version, init_export = metrics, eval_key, version, export
     tracker.finish_workflow()
     _with_aliases(rows, client, model_name)
     summary = {"rows": rows, "wall_s": round(time.time() - t0, 1), "tracking_uri": tracking, "work_dir": str(work)}
-    print_summary(rows, work, tracking, summary["wall_s"])
+    print_summary(rows, work, tracking, summary["wall_s"], log_file, ray_logs)
     return summary
+
+
+def _submission_id() -> str:
+    """The id `ray job submit` printed (what `ray job status / logs` take); empty outside a Ray job."""
+    try:
+        conf = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    except ValueError:
+        return ""
+    return str(conf.get("metadata", {}).get("job_submission_id", ""))
+
+
+def _ray_log_dir() -> str:
+    try:
+        import ray
+
+        return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
+    except Exception:  # a remote cluster: its logs live on its nodes
+        return "the cluster's Ray dashboard / ray logs"
 
 
 def _train_step(tracker: Tracker, tc: TrainConfig, key: str, init_version: str | None, tags: dict, model_name: str):
@@ -155,7 +178,9 @@ def _train_step(tracker: Tracker, tc: TrainConfig, key: str, init_version: str |
         log.info("stage %d train: finished earlier (run %s, version %s); skipped", n, step.run_id, step.outputs["version"])
         return step.outputs["version"], step.outputs["export"]
     log.info("stage %d train: %d steps of %s from %s (%s)", n, tc.steps, "+".join(tc.tasks), start, tc.run.name)
-    res = run_stage(tc, callbacks=[LiveMetrics(tracker.tracking_uri, step.run_id, tc.steps)])
+    with tracker.system_metrics(step):
+        res = run_stage(tc, callbacks=[LiveMetrics(tracker.tracking_uri, step.run_id, tc.steps)],
+                        on_report=StageProgress(n, tc.steps))
     tracker.params(step, {f"start.{k}": v for k, v in _flat(res.start).items()})
     version = register_version(tracker, step, model_name, _local_copy(res.export), {
         "stage": n, "export": res.export, "checkpoint": res.checkpoint, "init_version": init_version})
@@ -192,7 +217,7 @@ def _eval_step(tracker, cfg: WorkflowConfig, n: int, version: str, train_key_: s
     log.info("stage %d eval: %s v%s", n, model_name, version)
     metrics = evaluate(export, shards, eval_dir, cfg.eval)
     nums = _numbers(metrics)
-    tracker.metrics(step, {f"eval.{k}": v for k, v in nums.items()})
+    tracker.metrics(step, {f"eval/{k}": v for k, v in nums.items()})
     tracker.images(step, eval_dir, f"stage{n}")
     tracker.artifact(step, str(Path(eval_dir, "eval.json")), "eval")
     text = describe_version(n, nums)
@@ -202,7 +227,7 @@ def _eval_step(tracker, cfg: WorkflowConfig, n: int, version: str, train_key_: s
         tracker.client.set_model_version_tag(model_name, version, f"metric.{k}", f"{v:.4g}")
     tracker.outputs(step, {"metrics": json.dumps(nums), "eval_dir": eval_dir})
     tracker.finish(step, description=describe)
-    log.info("stage %d eval: %s", n, text.splitlines()[0] if text else "done")
+    log.info("stage %d eval: %s", n, eval_line(nums))
     return nums, key, eval_dir
 
 
@@ -228,6 +253,22 @@ def _promote_step(tracker, cfg: WorkflowConfig, n: int, version: str, eval_key: 
     return fails
 
 
+def eval_line(m: dict) -> str:
+    """One console line: each measured modality beside what its gate compares it with."""
+    parts = [f"{d} {m[f'image/{d}/psnr']:.2f} dB (floor {image_floor(m, d)[0]} {image_floor(m, d)[1]:.2f})"
+             for d in image_datasets(m)]
+    if "video/psnr" in m:
+        name, floor = video_floor(m)
+        parts.append(f"video {m['video/psnr']:.2f} ({name} {floor:.2f})")
+    if "3d/psnr" in m:
+        parts.append(f"3D {m['3d/psnr']:.2f} (background {m['3d/background_psnr']:.2f})")
+    for k in sorted(k for k in m if k.endswith("/linear_probe_acc")):
+        ds = k.split("/")[1]
+        parts.append(f"{ds} probe {m[k]:.2f} (random encoder {m.get(f'und/{ds}/probe_random_encoder', float('nan')):.2f}, "
+                     f"pixels {m.get(f'und/{ds}/probe_pixels', float('nan')):.2f}), 0-shot {m.get(f'und/{ds}/zero_shot_acc', float('nan')):.2f}")
+    return "; ".join(parts) or "nothing measured"
+
+
 def _with_aliases(rows: list[dict], client, model: str) -> None:
     """Each row's aliases as the registry holds them at the end."""
     for r in rows:
@@ -237,22 +278,27 @@ def _with_aliases(rows: list[dict], client, model: str) -> None:
 
 def summary_table(rows: list[dict]) -> list[str]:
     f = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
-    head = f"{'stage':<6}{'ver':<5}{'images: PSNR / floor (dataset)':<44}{'video / floor':>15}{'3D / bg':>14}{'probe':>7}  {'gates':<6}aliases"
+    head = (f"{'stage':<6}{'ver':<5}{'images: PSNR / floor (dataset)':<44}{'video / floor':>15}{'3D / bg':>14}"
+            f"{'probe / random':>16}  {'gates':<6}aliases")
     lines = [head]
     for r in rows:
         m = r["metrics"]
         imgs = "  ".join(f"{f(m[f'image/{d}/psnr'])}/{f(image_floor(m, d)[1])} {d}" for d in image_datasets(m))
         vid = f"{f(m.get('video/psnr'))}/{f(video_floor(m)[1])}"
         threed = f"{f(m.get('3d/psnr'))}/{f(m.get('3d/background_psnr'))}"
-        lines.append(f"{r['stage']:<6}{r['version']:<5}{imgs:<44}{vid:>15}{threed:>14}{f(m.get('und/linear_probe_acc')):>7}  "
+        probe_key = next((k for k in sorted(m) if k.endswith("/linear_probe_acc")), "")
+        ds = probe_key.split("/")[1] if probe_key else ""
+        probe = f"{f(m.get(probe_key))}/{f(m.get(f'und/{ds}/probe_random_encoder'))}" if probe_key else "-"
+        lines.append(f"{r['stage']:<6}{r['version']:<5}{imgs:<44}{vid:>15}{threed:>14}{probe:>16}  "
                      f"{r['gates']:<6}{','.join(r.get('aliases', []))}")
     return lines
 
 
-def print_summary(rows: list[dict], work: Path, tracking: str, wall: float) -> None:
-    lines = summary_table(rows)
+def print_summary(rows: list[dict], work: Path, tracking: str, wall: float, log_file=None, ray_logs: str = "") -> None:
+    lines = ["", "summary (PSNR in dB against the baselines the gates compare with):", *summary_table(rows)]
     ui = (f"mlflow ui --backend-store-uri {tracking}" if tracking.startswith("sqlite:") else tracking)
-    lines.append(f"pictures: {work / 'eval'}/<stage>/*.png   logs: {work / 'logs'}   MLflow: {ui}   wall {wall:.0f} s")
+    lines += [f"pictures: {work / 'eval'}/<stage>/*.png", f"MLflow:   {ui}",
+              f"logs:     {log_file or work / 'logs'}; workers: {ray_logs}", f"wall:     {wall:.0f} s"]
     print("\n".join(lines), flush=True)
 
 

@@ -164,12 +164,19 @@ def _encode_h264(frames, path: Path, fps: float) -> None:
     with av.open(str(path), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = w - w % 2, h - h % 2, "yuv420p"
-        # One thread, fixed options and frames already in yuv420p make the encode deterministic.
+        # One thread, fixed options, frames already in yuv420p and explicit timestamps make the encode
+        # deterministic.
         stream.codec_context.thread_count = 1
-        stream.options = {"crf": "23", "preset": "medium", "threads": "1"}
-        for arr in frames:
+        # zerolatency: no frame-type lookahead, B-frames or macroblock tree, whose decisions made the zoom
+        # videos encode to different bytes in consecutive builds even single-threaded
+        stream.options = {"crf": "23", "preset": "medium", "tune": "zerolatency", "threads": "1"}
+        stream.codec_context.time_base = Fraction(1, 1) / stream.codec_context.framerate
+        for i, arr in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(np.asarray(arr[: stream.height, : stream.width])),
                                                format="yuv420p")
+            # explicit timestamps: x264's rate control reads frame durations from them, and unset ones
+            # made the same frames encode to different bytes from one run to the next
+            frame.pts, frame.time_base = i, stream.codec_context.time_base
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():

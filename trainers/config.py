@@ -90,6 +90,9 @@ class OptimSection:
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr; 1.0 = constant after warm-up
     warmup_steps: int = 10
     encoder_lr_mult: float = -1.0  # -1 = auto: 0.1 for a pretrained encoder (paper), 1.0 for a fresh one
+    # the sigmoid loss's temperature and bias: two scalars that must move by whole units (SigLIP starts
+    # them at t' = log 10, b = -10); at lr 1e-3 Adam moves them ~1e-3 per step, too slow for short stages
+    logit_lr_mult: float = 1.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -108,6 +111,11 @@ class LossSection(LossWeights):
     feature_resolution: int = 224
     text_tower: str = "minilm"  # minilm | siglip2
     text_path: str = ""
+    # the image-understanding teacher (paper: frozen SigLIP2; images then distil its image-text
+    # similarities, KL at losses.distill_tau, weighted by losses.sem). none: images use the sigmoid loss
+    # against the text tower like video and 3D (no installed package ships an image-text teacher)
+    teacher: str = "none"  # none | siglip2
+    teacher_path: str = ""
 
 
 @dataclass
@@ -122,6 +130,7 @@ class ScalingSection:
     # gathering everything per module (docs/benchmarks.md); DeepSpeed's default 1e5 on GPU.
     zero_persistence_threshold: int = -1
     threads_per_worker: int = 0  # torch / OpenMP threads in a training worker; 0: its CPUs (at least 1)
+    fused_adam: bool = True  # GPU: DeepSpeed's FusedAdam (built into the image); false: torch's AdamW
     # Custom Ray resources each training worker also asks for, e.g. {train_node: 0.001} to pin workers
     # to the GPU node type that advertises it (infra/ray/cluster-aws.yaml).
     custom_resources: dict[str, float] = field(default_factory=dict)
@@ -209,6 +218,8 @@ class TrainConfig:
             _bad("optim.ema_decay", f"{o.ema_decay}: must be in [0, 1)")
         if o.lr <= 0:
             _bad("optim.lr", f"{o.lr}: must be > 0")
+        if o.logit_lr_mult <= 0:
+            _bad("optim.logit_lr_mult", "must be > 0")
         if o.warmup_steps < 0:
             _bad("optim.warmup_steps", "must be >= 0")
         if not 0 < o.min_lr_ratio <= 1:
@@ -217,6 +228,10 @@ class TrainConfig:
             _bad("optim.betas", f"{list(o.betas)}: two numbers in [0, 1)")
         if self.losses.feature_network not in ("mobilenet_v2", "siglip2", "none"):
             _bad("losses.feature_network", f"{self.losses.feature_network!r}: choose mobilenet_v2, siglip2 or none")
+        if self.losses.teacher not in ("none", "siglip2"):
+            _bad("losses.teacher", f"{self.losses.teacher!r}: choose none or siglip2")
+        if self.losses.teacher == "siglip2" and not self.losses.teacher_path:
+            _bad("losses.teacher_path", "is required with losses.teacher=siglip2 (a local SigLIP2 directory)")
         if self.losses.text_tower not in ("minilm", "siglip2"):
             _bad("losses.text_tower", f"{self.losses.text_tower!r}: choose minilm or siglip2")
         try:

@@ -34,26 +34,27 @@ def deepspeed_config(cfg: TrainConfig, gpu: bool) -> dict:
         "fp16": {"enabled": False},
         "optimizer": {"type": "AdamW", "params": {
             "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "weight_decay": cfg.optim.weight_decay,
-            "eps": 1e-8, "torch_adam": not gpu}},  # CPU: torch's AdamW, no FusedAdam JIT build
+            "eps": 1e-8, "torch_adam": not (gpu and cfg.scaling.fused_adam)}},  # CPU: torch's AdamW, no JIT build
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
 
 
 def param_groups(module: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
-    """Encoder at lr x its multiplier (0.1 only when the encoder really is pretrained); no weight decay
-    on norms, biases, tables and scalars."""
+    """Encoder at lr x its multiplier (0.1 only when the encoder really is pretrained), the sigmoid loss's
+    temperature and bias at lr x optim.logit_lr_mult; no weight decay on norms, biases, tables, scalars."""
     mult = cfg.optim.encoder_multiplier(cfg.model.pretrained_encoder)
-    groups: dict[tuple[bool, bool], list] = {}
+    groups: dict[tuple[str, bool], list] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        enc = name.startswith("model.encoder.")
+        part = ("logit" if name in ("model.logit_scale", "model.logit_bias") else
+                "enc" if name.startswith("model.encoder.") else "rest")
         decay = p.ndim >= 2 and "position_embedding" not in name
-        groups.setdefault((enc, decay), []).append(p)
-    return [{"params": ps, "lr": cfg.optim.lr * (mult if enc else 1.0),
-             "weight_decay": cfg.optim.weight_decay if decay else 0.0, "name": f"{'enc' if enc else 'rest'}-{'wd' if decay else 'nowd'}"}
-            for (enc, decay), ps in sorted(groups.items())]
+        groups.setdefault((part, decay), []).append(p)
+    lr = {"enc": cfg.optim.lr * mult, "rest": cfg.optim.lr, "logit": cfg.optim.lr * cfg.optim.logit_lr_mult}
+    return [{"params": ps, "lr": lr[part], "weight_decay": cfg.optim.weight_decay if decay else 0.0,
+             "name": f"{part}-{'wd' if decay else 'nowd'}"} for (part, decay), ps in sorted(groups.items())]
 
 
 def build_engine(module: torch.nn.Module, cfg: TrainConfig, gpu: bool):

@@ -12,6 +12,7 @@ Pictures: original | model | PCA, per dataset (`images_<dataset>.png`, `video_fr
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class EvalConfig:
     max_tokens: int = 1024  # per sample, as in training
     feature_network: str = "mobilenet_v2"  # Fréchet distance features: mobilenet_v2 | siglip2 | none
     feature_network_path: str = ""
+    feature_resolution: int = 224  # Fréchet distance features at this size (the paper's rFID convention: 224)
     pictures: int = 8  # rows per picture grid
 
     def validate(self) -> "EvalConfig":
@@ -112,14 +114,14 @@ def evaluate(export: str, shards: str, out_dir: str, cfg: EvalConfig = EvalConfi
     model.eval()
     os.makedirs(out_dir, exist_ok=True)
     res: dict = {"export": export, "latent_channels": model.config.latent_channels,
-                 "discrete": model.quantizer is not None}
+                 "discrete": int(model.quantizer is not None)}  # a number: it is logged and gated on like the metrics
     k, quantize = model.config.latent_channels, (_fsq_quantizer(model) if model.quantizer is not None else None)
     eval_rows = list(iter_rows(shards, split="eval"))
     net = None
     if cfg.feature_network != "none":
         from atoken.features import FeatureNetwork
 
-        net = FeatureNetwork(cfg.feature_network, cfg.feature_network_path or None, 224)
+        net = FeatureNetwork(cfg.feature_network, cfg.feature_network_path or None, cfg.feature_resolution)
 
     # ------------------------------------------------------------------ images
     train_imgs = [row_to_sample(r, cfg.max_tokens).data for i, r in
@@ -226,41 +228,71 @@ def evaluate(export: str, shards: str, out_dir: str, cfg: EvalConfig = EvalConfi
     return res
 
 
+def _semantic(model, rows: list[dict], max_tokens: int) -> torch.Tensor:
+    """Semantic-head embeddings [N, C] of shard rows (one sample at a time, as a user would encode)."""
+    out = []
+    for r in rows:
+        smp = row_to_sample(r, max_tokens)
+        out.append(model.encode_sparse(model.pack([(smp.modality, smp.data)])).semantic[0])
+    return torch.stack(out)
+
+
+def _pixels(rows: list[dict], max_tokens: int) -> np.ndarray:
+    """Raw pixels as features (the simplest baseline a probe must beat), at one size per dataset."""
+    xs = [row_to_sample(r, max_tokens).data for r in rows]
+    h, w = min(x.shape[0] for x in xs), min(x.shape[1] for x in xs)
+    return np.stack([x[:h, :w].reshape(-1).numpy() for x in xs])
+
+
 def _understanding(model, proj, tower_cfg, shards, eval_rows, cfg: EvalConfig) -> dict:
+    """Per labelled dataset (>= 2 classes shared by train and eval, >= 10 eval items): zero-shot accuracy
+    (class prompt = a training caption of the class) against chance, and a linear probe on the semantic
+    head against the same probe on a randomly initialised encoder of the same config and on raw pixels.
+    Per modality: text -> visual and visual -> text retrieval R@1 / R@5 over the eval captions, against a
+    randomly initialised encoder and chance."""
+    from atoken.model import AToken
     from atoken.text import text_tower
 
     res: dict = {}
     tower = text_tower(tower_cfg.get("tower", "minilm"), tower_cfg.get("path") or None)
+    torch.manual_seed(0)
+    random_model = AToken(copy.deepcopy(model.config)).eval()
 
     def text_emb(texts: list[str]) -> torch.Tensor:
         return F.normalize(tower.encode(texts) @ proj.T, dim=-1)
 
-    def visual_emb(rows: list[dict]) -> torch.Tensor:
-        out = []
-        for r in rows:
-            s = row_to_sample(r, cfg.max_tokens)
-            out.append(model.encode_sparse(model.pack([(s.modality, s.data)])).semantic[0])
-        return torch.stack(out)
-
-    train_images = [r for i, r in enumerate(iter_rows(shards, modality="image", split="train")) if i < cfg.baseline_items]
-    labelled = [r for r in eval_rows if r["label"] is not None and r["modality"] == "image"]
-    train_lab = [r for r in train_images if r["label"] is not None]
-    classes = sorted({r["label"] for r in train_lab} & {r["label"] for r in labelled})
-    if len(classes) >= 2:
-        prompt = {c: next(r["caption"] for r in train_lab if r["label"] == c) for c in classes}
-        test = [r for r in labelled if r["label"] in prompt]
-        emb = visual_emb(test)
+    train = [r for r in iter_rows(shards, split="train") if r["label"] is not None and r["modality"] == "image"]
+    for ds in sorted({r.get("dataset") or "all" for r in eval_rows if r["label"] is not None and r["modality"] == "image"}):
+        test = [r for r in eval_rows if r["label"] is not None and r["modality"] == "image" and (r.get("dataset") or "all") == ds]
+        tr = [r for r in train if (r.get("dataset") or "all") == ds][: cfg.baseline_items]
+        classes = sorted({r["label"] for r in tr} & {r["label"] for r in test})
+        test = [r for r in test if r["label"] in classes][: cfg.max_items * 4]
+        if len(classes) < 2 or len(test) < 10:
+            continue
+        tr = [r for r in tr if r["label"] in classes]
+        pre = f"und/{ds}/"
+        prompt = {c: next(r["caption"] for r in tr if r["label"] == c) for c in classes}
         labels = torch.tensor([classes.index(r["label"]) for r in test])
-        res["und/zero_shot_acc"] = zero_shot_accuracy(emb, text_emb([prompt[c] for c in classes]), labels)
-        tr = [r for r in train_lab if r["label"] in prompt]
-        if len({r["label"] for r in tr}) >= 2:
-            res["und/linear_probe_acc"] = linear_probe_accuracy(
-                visual_emb(tr).numpy(), [r["label"] for r in tr], emb.numpy(), [r["label"] for r in test])
-        res["und/classes"] = len(classes)
-    captioned = [r for r in eval_rows if r["caption"]][: cfg.max_items]
-    if len(captioned) >= 2:
-        v, t = visual_emb(captioned), text_emb([r["caption"] for r in captioned])
-        res["und/t2v_r1"] = retrieval_recall(t, v, (1,))["R@1"]
-        res["und/v2t_r1"] = retrieval_recall(v, t, (1,))["R@1"]
-        res["und/retrieval_items"] = len(captioned)
+        emb = _semantic(model, test, cfg.max_tokens)
+        res[pre + "zero_shot_acc"] = zero_shot_accuracy(emb, text_emb([prompt[c] for c in classes]), labels)
+        res[pre + "zero_shot_chance"] = 1.0 / len(classes)
+        ytr, yte = [r["label"] for r in tr], [r["label"] for r in test]
+        res[pre + "linear_probe_acc"] = linear_probe_accuracy(_semantic(model, tr, cfg.max_tokens).numpy(), ytr, emb.numpy(), yte)
+        res[pre + "probe_random_encoder"] = linear_probe_accuracy(_semantic(random_model, tr, cfg.max_tokens).numpy(), ytr,
+                                                                  _semantic(random_model, test, cfg.max_tokens).numpy(), yte)
+        res[pre + "probe_pixels"] = linear_probe_accuracy(_pixels(tr, cfg.max_tokens), ytr, _pixels(test, cfg.max_tokens), yte)
+        res[pre + "classes"], res[pre + "count"] = len(classes), len(test)
+    for mod in ("image", "video", "3d"):
+        rows = [r for r in eval_rows if r["modality"] == mod and r["caption"]][: cfg.max_items]
+        if len({r["caption"] for r in rows}) < 2:
+            continue
+        t = text_emb([r["caption"] for r in rows])
+        pre = f"und/{mod}_retrieval/"
+        for who, m in (("", model), ("random_encoder_", random_model)):
+            v = _semantic(m, rows, cfg.max_tokens)
+            for direction, (q, g) in (("t2v", (t, v)), ("v2t", (v, t))):
+                for k_, val in retrieval_recall(q, g, (1, 5)).items():
+                    res[f"{pre}{who}{direction}_{k_.lower().replace('@', '')}"] = val
+        res[pre + "chance_r1"] = 1.0 / len(rows)
+        res[pre + "count"] = len(rows)
     return res

@@ -69,7 +69,8 @@ class StepTimer:
         self.phases[part] = self.phases.get(part, 0.0) + seconds
 
     def done(self) -> dict[str, float]:
-        return {**self.phases, "step": time.perf_counter() - self.start, "cpu": time.process_time() - self.c}
+        """The phases, and the whole step up to the last mark (so the phases sum to it exactly)."""
+        return {**self.phases, "step": self.t - self.start, "cpu": time.process_time() - self.c}
 
 
 class MetricsProcessor:
@@ -77,6 +78,7 @@ class MetricsProcessor:
                  flops_per_token: float = 0.0, peak_flops: float = 0.0):
         self.cfg, self.world, self.device, self.sinks = cfg, world, device, sinks
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.extra: dict[str, float] = {}  # reported once with the next window (e.g. start-up times)
         self._new()
 
     def _new(self) -> None:
@@ -117,7 +119,8 @@ class MetricsProcessor:
              # each loss term averaged over the window's steps of its task (rank 0)
              **{k: v / self.task_steps[k.split("/")[1]] for k, v in self.losses.items()},
              # where a rank's step time goes, seconds per step (this rank)
-             **{f"time/{k}_s": v / max(self.steps, 1) for k, v in self.phases.items()}, **(extra or {})}
+             **{f"time/{k}_s": v / max(self.steps, 1) for k, v in self.phases.items()}, **self.extra, **(extra or {})}
+        self.extra = {}
         if self.flops_per_token and self.peak_flops:
             m["mfu"] = tokens / wall * self.flops_per_token / (self.peak_flops * self.world)
         for s in self.sinks:

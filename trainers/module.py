@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from atoken.losses import ImageReconstructionLoss, l1_loss, render_loss, siglip_sigmoid_loss
+from atoken.losses import ImageReconstructionLoss, distillation_kl, render_loss, siglip_sigmoid_loss
 from atoken.model import AToken
 from atoken.patchify import pack, unpack
 from trainers.config import TrainConfig
@@ -22,7 +22,7 @@ def caption_targets(captions: list[str]) -> torch.Tensor:
 
 class TrainModule(nn.Module):
     def __init__(self, model: AToken, text_dim: int, feature_net: nn.Module | None, cfg: TrainConfig,
-                 text_projection: torch.Tensor | None = None):
+                 text_projection: torch.Tensor | None = None, teacher: nn.Module | None = None):
         super().__init__()
         self.model = model
         width = model.config.encoder_model_channels
@@ -33,8 +33,9 @@ class TrainModule(nn.Module):
                 self.text_proj.weight.copy_(text_projection)
         else:
             nn.init.normal_(self.text_proj.weight, std=text_dim ** -0.5)
-        # frozen and outside the module tree, so ZeRO-3 neither partitions nor checkpoints it
+        # frozen and outside the module tree, so ZeRO-3 neither partitions nor checkpoints them
         self.__dict__["rec_loss"] = ImageReconstructionLoss(cfg.losses, feature_net)
+        self.__dict__["teacher"] = teacher
         self.cfg = cfg
 
     def forward(self, task: str, samples: list[Sample], text: torch.Tensor | None = None, step: int = 0) -> dict:
@@ -46,6 +47,13 @@ class TrainModule(nn.Module):
         if task.endswith("_und"):
             enc = self.model.encode_sparse(batch)
             t = F.normalize(self.text_proj(text.to(dev, dtype)), dim=-1)
+            if task == "image_und" and self.teacher is not None:
+                # paper: images distil the frozen teacher's image-text similarities over the batch's texts
+                captions = [s.caption for s in samples]
+                teacher = self.teacher.similarities([s.data for s in samples], captions).to(dev)
+                student = enc.semantic.float() @ t.float().T * self.model.logit_scale.exp() + self.model.logit_bias
+                kl = distillation_kl(student, teacher, w.distill_tau)
+                return {"distill": kl, "total": w.sem * kl}
             targets = caption_targets([s.caption for s in samples]).to(dev)
             sem = siglip_sigmoid_loss(enc.semantic, t, self.model.logit_scale, self.model.logit_bias, targets)
             return {"sem": sem, "total": w.sem * sem}
@@ -89,7 +97,8 @@ class TrainModule(nn.Module):
             preds.append(out.rgb.permute(0, 3, 1, 2))
             tgt = v["rgb"][idx].permute(0, 3, 1, 2).to(voxel_rgb.device)
             targets.append(F.interpolate(tgt, size=(res, res), mode="bilinear", antialias=True, align_corners=False))
-        return render_loss(torch.cat(preds).float().clamp(0, 1), torch.cat(targets).float(), self.cfg.losses.render_ssim)
+        # not clamped: a clamp would stop the gradient of every colour that left [0, 1], and such a colour never returns
+        return render_loss(torch.cat(preds).float(), torch.cat(targets).float(), self.cfg.losses.render_ssim)
 
 
 def _resized(images: list[torch.Tensor], res: int) -> torch.Tensor:

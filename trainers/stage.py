@@ -91,7 +91,58 @@ def passes_per_stage(cfg: TrainConfig, task: str, shares: dict[str, float]) -> d
     return {k: int(min(1000, max(1, -(-samples * shares[k] // max(rows[k], 1)) + 1))) for k in shares}
 
 
-def run_stage(cfg: TrainConfig, callbacks: list | None = None) -> StageResult:
+class HistoryPoller:
+    """Calls `on_report` with each new line of the stage's metrics.jsonl while it trains (a thread on the
+    driver side: it works the same whether the run folder is local or on S3, and needs no Ray API)."""
+
+    def __init__(self, uri: str, on_report, every: float = 2.0):
+        import threading
+
+        self.uri, self.on_report, self.every = uri, on_report, every
+        self.seen = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _poll(self) -> None:
+        try:
+            if not storage.exists(self.uri):
+                return
+            rows = [json.loads(x) for x in storage.read_bytes(self.uri).decode().splitlines() if x.strip()]
+        except (OSError, ValueError):
+            return  # mid-write or not there yet: next time
+        for r in rows:
+            if r["step"] > self.seen:
+                self.seen = r["step"]
+                self.on_report(r)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._poll()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+
+
+def first_report(cfg: TrainConfig) -> dict:
+    """The start-up figures the first report of a stage carries (the workers measure them)."""
+    uri = storage.join(run_dir(cfg), "metrics.jsonl")
+    if not storage.exists(uri):
+        return {}
+    for line in storage.read_bytes(uri).decode().splitlines():
+        row = json.loads(line)
+        found = {k: v for k, v in row.items() if k.startswith("startup/")}
+        if found:
+            return found
+    return {}
+
+
+def run_stage(cfg: TrainConfig, callbacks: list | None = None, on_report=None) -> StageResult:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -107,6 +158,13 @@ def run_stage(cfg: TrainConfig, callbacks: list | None = None) -> StageResult:
     t0 = time.time()
     start = _prepare_remote(cfg)
     t_start = time.time()
+    import ray.data
+
+    # the training streams run in the background for the whole stage: no progress bars (they would
+    # interleave with the stage's own progress; the ingest job keeps its bars)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
     plan = stream_plan(cfg)
     datasets = {}
     for t, shares in plan.items():
@@ -118,7 +176,8 @@ def run_stage(cfg: TrainConfig, callbacks: list | None = None) -> StageResult:
     fs, path = storage.pyarrow_filesystem(cfg.run.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": dataclasses.asdict(cfg), "resume_from": ckpt_uri, "streams": plan},
+        train_loop_config={"train": dataclasses.asdict(cfg), "resume_from": ckpt_uri, "streams": plan,
+                           "fit_started": time.time()},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=cfg.scaling.worker_resources()),
@@ -130,7 +189,12 @@ def run_stage(cfg: TrainConfig, callbacks: list | None = None) -> StageResult:
     )
     if ckpt_uri:
         log.info("stage %d: resuming %s from %s (step %d)", cfg.stage, cfg.run.name, ckpt_uri, ckpt_step)
-    result = trainer.fit()
+    t_fit = time.time()
+    if on_report is None:
+        result = trainer.fit()
+    else:
+        with HistoryPoller(storage.join(run_dir(cfg), "metrics.jsonl"), on_report):
+            result = trainer.fit()
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     final_ckpt = None
     if result.checkpoint is not None:
@@ -138,6 +202,7 @@ def run_stage(cfg: TrainConfig, callbacks: list | None = None) -> StageResult:
     res = StageResult(stage=cfg.stage, name=cfg.run.name, export=export_dir(cfg), checkpoint=final_ckpt,
                       steps=int(metrics.get("step", cfg.steps)), metrics=metrics, wall_s=round(time.time() - t0, 1),
                       resumed_from_step=ckpt_step, start=start,
-                      startup_s={"prepare_start": round(t_start - t0, 2)})
+                      startup_s={"prepare_start": round(t_start - t0, 2), "streams_and_trainer": round(t_fit - t_start, 2),
+                                 **{k[len("startup/"):]: round(v, 2) for k, v in first_report(cfg).items()}})
     storage.commit_bytes(done, json.dumps(dataclasses.asdict(res), indent=1).encode())
     return res

@@ -56,6 +56,18 @@ def init_samples(cfg: TrainConfig, modalities: tuple[str, ...]) -> list[tuple[st
     return out
 
 
+def init_assets(cfg: TrainConfig) -> list[dict]:
+    """The 3D training assets for the Gaussian decoder's start: voxel patches, voxels, views, cameras."""
+    out = []
+    for i, row in enumerate(iter_rows(cfg.data.shards, modality="3d", split="train")):
+        if i >= cfg.init.max_items:
+            break
+        s = row_to_sample(row, cfg.data.max_tokens_per_sample)
+        out.append({"voxel_feats": s.data[0], "voxels": s.data[1], "views": s.views["rgb"],
+                    "viewmats": s.views["viewmats"], "Ks": s.views["Ks"], "grid": s.views["grid"]})
+    return out
+
+
 def shard_grid(shards: str) -> int | None:
     for row in iter_rows(shards, modality="3d", split="train"):
         return int(row["grid"])
@@ -128,7 +140,7 @@ def build_start_model(cfg: TrainConfig) -> tuple[AToken, torch.Tensor | None, di
                                              and model.gs_decoder.cfg.resolution != grid)
         if fresh:  # none yet, or the preset's untrained one on another grid
             model.attach_gaussian_decoder(gaussian_decoder_for_grid(model.config.gaussian_decoder, grid))
-            info["gaussian_init"] = gaussian_decoder_init(model, init_samples(cfg, ("3d",)))
+            info["gaussian_init"] = gaussian_decoder_init(model, init_assets(cfg))
         elif model.gs_decoder.cfg.resolution != grid:  # a trained decoder learned another grid's geometry
             raise ValueError(f"the starting model's Gaussian decoder places Gaussians on a {model.gs_decoder.cfg.resolution}^3 "
                              f"grid but the shards' voxels come from a {grid}^3 grid (ingest threed.grid); "
@@ -139,16 +151,56 @@ def build_start_model(cfg: TrainConfig) -> tuple[AToken, torch.Tensor | None, di
 
 
 def caption_embeddings(cfg: TrainConfig) -> tuple[list[str], torch.Tensor] | None:
-    """Every distinct training caption of the stage's understanding tasks, embedded once by the text tower."""
+    """Every distinct training caption of the stage's understanding tasks, embedded by the text tower.
+    Embeddings are cached per tower beside the shards (`<shards>/../text_embeddings/<tower>/`) for every
+    training caption of every modality at once, so the text tower loads at most once per workflow (the
+    first stage with an understanding task), not in every stage or worker."""
     und = sorted({TASK_MODALITY[t] for t in cfg.tasks if t.endswith("_und")})
     if not und:
         return None
-    from atoken.text import text_tower
+    wanted = sorted({r["caption"] or "" for mod in und
+                     for r in iter_rows(cfg.data.shards, modality=mod, split="train", columns=["caption"])})
+    cache = text_cache(cfg)
+    names, emb = read_text_cache(cache)
+    if not set(wanted) <= set(names):
+        from atoken.text import text_tower
 
-    captions = sorted({r["caption"] or "" for mod in und
-                       for r in iter_rows(cfg.data.shards, modality=mod, split="train", columns=["caption"])})
-    tower = text_tower(cfg.losses.text_tower, cfg.losses.text_path or None)
-    return captions, tower.encode(captions)
+        every = sorted({r["caption"] or "" for mod in ("image", "video", "3d")
+                        for r in iter_rows(cfg.data.shards, modality=mod, split="train", columns=["caption"])})
+        missing = [c for c in every if c not in set(names)]
+        tower = text_tower(cfg.losses.text_tower, cfg.losses.text_path or None)
+        new = tower.encode(missing)
+        names, emb = names + missing, new if emb is None else torch.cat([emb, new])
+        write_text_cache(cache, names, emb)
+    index = {c: i for i, c in enumerate(names)}
+    return wanted, emb[[index[c] for c in wanted]]
+
+
+def text_cache(cfg: TrainConfig) -> str:
+    import hashlib
+
+    tower = hashlib.sha1(f"{cfg.losses.text_tower}:{cfg.losses.text_path}".encode()).hexdigest()[:12]
+    return storage.join(cfg.data.shards.rstrip("/").rsplit("/", 1)[0], "text_embeddings", f"{cfg.losses.text_tower}-{tower}")
+
+
+def read_text_cache(uri: str) -> tuple[list[str], torch.Tensor | None]:
+    from safetensors.torch import load_file
+
+    if not storage.exists(storage.join(uri, CAPTION_LIST)):
+        return [], None
+    with storage.local_path(storage.join(uri, CAPTIONS)) as p:
+        emb = load_file(p)["embeddings"]
+    return json.loads(storage.read_bytes(storage.join(uri, CAPTION_LIST))), emb
+
+
+def write_text_cache(uri: str, names: list[str], emb: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as d:
+        save_file({"embeddings": emb.contiguous()}, os.path.join(d, CAPTIONS))
+        Path(d, CAPTION_LIST).write_text(json.dumps(names))
+        storage.commit_file(os.path.join(d, CAPTIONS), storage.join(uri, CAPTIONS))
+        storage.commit_file(os.path.join(d, CAPTION_LIST), storage.join(uri, CAPTION_LIST))  # last: marks it complete
 
 
 def prepare_start(cfg: TrainConfig) -> dict:
@@ -162,13 +214,7 @@ def prepare_start(cfg: TrainConfig) -> dict:
                  metadata={"stage": cfg.stage, "start": "1"})
     emb = caption_embeddings(cfg)
     if emb is not None:
-        from safetensors.torch import save_file
-
-        with tempfile.TemporaryDirectory() as d:
-            save_file({"embeddings": emb[1].contiguous()}, os.path.join(d, CAPTIONS))
-            Path(d, CAPTION_LIST).write_text(json.dumps(emb[0]))
-            for f in (CAPTIONS, CAPTION_LIST):
-                storage.commit_file(os.path.join(d, f), storage.join(out, f))
+        write_text_cache(out, *emb)
         info["captions"] = len(emb[0])
     info = json.loads(json.dumps(info, default=lambda v: float(v) if isinstance(v, (np.floating, float)) else str(v)))
     storage.commit_bytes(info_uri, json.dumps(info, indent=1).encode())  # last: marks the folder complete
@@ -179,14 +225,8 @@ def load_start(cfg: TrainConfig) -> tuple[AToken, torch.Tensor | None, dict[str,
     """(model, text projection, caption -> embedding) for a worker."""
     out = start_dir(cfg)
     model, proj, _ = load_export(out)
-    captions: dict[str, torch.Tensor] = {}
-    if storage.exists(storage.join(out, CAPTIONS)):
-        from safetensors.torch import load_file
-
-        with storage.local_path(storage.join(out, CAPTIONS)) as p:
-            emb = load_file(p)["embeddings"]
-        names = json.loads(storage.read_bytes(storage.join(out, CAPTION_LIST)))
-        captions = {c: emb[i] for i, c in enumerate(names)}
+    names, emb = read_text_cache(out)
+    captions = {c: emb[i] for i, c in enumerate(names)} if emb is not None else {}
     model.config.gradient_checkpointing = cfg.model.gradient_checkpointing
     return model, proj, captions
 

@@ -34,7 +34,8 @@ def _cfg(shards: str, storage: str, name: str, steps: int, ratios: dict):
     c.data.shards, c.data.ratios, c.data.token_budget, c.data.max_tokens_per_sample = shards, ratios, 256, 256
     c.run.storage, c.run.name, c.run.checkpoint_every, c.run.report_every = storage, name, 2, 2
     c.losses.feature_resolution, c.optim.warmup_steps, c.scaling.cpus_per_worker = 64, 2, 0.9
-    c.losses.perceptual.start = 4  # the feature network joins half-way: both paths run
+    for term in (c.losses.perceptual, c.losses.gram, c.losses.clip):
+        term.start = 4  # the feature network joins half-way: both paths run
     return c
 
 

@@ -10,8 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import io
+
 import numpy as np
+import pandas as pd
 import pytest
+from PIL import Image
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -82,12 +86,12 @@ def test_full_workflow_registers_and_promotes_every_stage(full_run, mlflow_serve
         assert steps[f"stage{n}.train"].data.params["model.init_from"].endswith("/export")
     s3 = steps["stage3.train"]
     assert s3.data.params["data.ratios.3d_rec"] == "2.0" and s3.data.params["model.latent_channels"] == "48"
-    assert "train.loss.3d_rec.render_l1" in s3.data.metrics
-    assert "eval.3d/psnr" in steps["stage3.eval"].data.metrics and "eval.3d/background_psnr" in steps["stage3.eval"].data.metrics
+    assert "train/loss/3d_rec/render_l1" in s3.data.metrics
+    assert "eval/3d/psnr" in steps["stage3.eval"].data.metrics and "eval/3d/background_psnr" in steps["stage3.eval"].data.metrics
     assert steps["stage4.train"].data.params["model.fsq"] == "True"
-    assert "eval.image/photos/pca_fsq_psnr" in steps["stage4.eval"].data.metrics  # the discrete floor
+    assert "eval/image/photos/pca_fsq_psnr" in steps["stage4.eval"].data.metrics  # the discrete floor
     # live metrics: every report logged by the Train controller's callback at its step
-    hist = client.get_metric_history(steps["stage1.train"].info.run_id, "train.tokens_per_s")
+    hist = client.get_metric_history(steps["stage1.train"].info.run_id, "train/tokens_per_s")
     assert sorted(m.step for m in hist) == [2, 4]
     for name, r in steps.items():
         assert r.data.tags["atoken.step_key"] and r.data.tags["atoken.code_version"] and r.data.tags["atoken.ray_job_id"]
@@ -102,10 +106,21 @@ def test_full_workflow_registers_and_promotes_every_stage(full_run, mlflow_serve
     assert fs.exists(f"{s3_server['bucket']}/wf/shards/index.json")
     mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pyfunc.load_model("models:/atoken-full@champion")
-    out = model.predict([np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)])
+    assert model.metadata.signature.inputs.input_names() == ["image"]  # typed, with an input example
+    flavor = model.metadata.flavors["python_function"]
+    assert "python_model" not in flavor or not str(flavor.get("python_model", "")).endswith(".pkl")  # code, not a pickle
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(png, format="PNG")
+    out = model.predict(pd.DataFrame({"image": [png.getvalue()]}))
     assert out[0]["discrete"] and out[0]["tokens"].shape == (12, 8) and out[0]["tokens"].max() < 4096
-    rec = model.predict({"image": [np.zeros((32, 32, 3), np.uint8)], "mode": "reconstruct"})
-    assert rec[0]["image"].shape == (32, 32, 3)
+    rec = model.predict(pd.DataFrame({"image": [png.getvalue()]}), params={"mode": "reconstruct"})
+    assert rec[0]["image"].shape == (48, 64, 3)
+    raw = model.unwrap_python_model()  # video and 3D through the same model
+    vid = raw.predict(None, pd.DataFrame({"video": [np.zeros((8, 32, 32, 3), np.uint8)]}))
+    assert vid[0]["tokens"].shape == (2 * 2 * 2, 8)
+    cube = raw.predict(None, pd.DataFrame({"3d": [{"voxel_feats": np.random.rand(5, 768), "voxels": np.arange(15).reshape(5, 3) % 8}]}),
+                       params={"mode": "reconstruct"})
+    assert cube[0]["voxel_feats"].shape == (5, 768)
 
 
 def test_reruns_redo_exactly_the_steps_a_change_affects(full_run, mlflow_server):
@@ -203,6 +218,16 @@ def test_killed_workflow_resumes_and_matches_uninterrupted_registry(full_run, ml
     assert run2.returncode == 0, run2.stdout[-4000:] + run2.stderr[-4000:]
     logs = run2.stdout + run2.stderr
     assert "ingest: finished earlier" in logs and "stage 1 train: finished earlier" in logs
+    # the console an operator reads (issue: 47,075 lines for a main job): short, no runs of blank lines, no
+    # per-report dicts, no repeated library warnings, no training progress bars; the summary at the end
+    non_empty = [line for line in logs.splitlines() if line.strip()]
+    assert len(non_empty) <= 120, "\n".join(non_empty[:200])
+    assert "\n\n\n" not in logs.replace("\r", "")
+    for noise in ("TrainingReport(", "Failed to query Ray Train Controller", "serialized using CloudPickle",
+                  "Add type hints", "ReadArrowShard", "split(2, equal=True)", "Setting accelerator to CPU",
+                  "is deprecated", "Successfully registered model", "Downloading artifacts"):
+        assert noise not in logs, noise
+    assert "[progress] stage 3 train: step 8/8 (100%)" in logs and "summary (PSNR in dB" in logs
     client = MlflowClient(mlflow_server)
     by = _steps(client, "atoken-kill")
     assert len(by["ingest"]) == 1 and len(by["stage1.train"]) == 1  # not rerun

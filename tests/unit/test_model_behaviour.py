@@ -80,8 +80,9 @@ def test_long_video_decoding_peak_memory_is_independent_of_length():
     short, long = _peak(256, "stream"), _peak(512, "stream")
     assert long["peak_kb"] <= short["peak_kb"] * 1.10, (short, long)
     # control: decoding everything at once does grow with length, so the measurement can fail
-    full_short, full_long = _peak(256, "full"), _peak(512, "full")
-    assert full_long["growth_kb"] > 1.5 * full_short["growth_kb"] and full_long["peak_kb"] > short["peak_kb"] * 1.10
+    # (3x the frames: the allocator's reuse makes the short run's growth vary by ~1.5x between runs)
+    full_short, full_long = _peak(256, "full"), _peak(768, "full")
+    assert full_long["growth_kb"] > 1.5 * full_short["growth_kb"] and full_long["peak_kb"] > long["peak_kb"] * 1.10
 
 
 def test_kv_cache_changes_and_no_cache_matches_windowed_decoding():
