@@ -146,17 +146,20 @@ class RayHead:
 
 
 def start_ray_head(workdir: Path, num_cpus: int = 0, autoscaling_config: Path | None = None,
-                   env: dict | None = None, port: int | None = None, timeout: float = 90) -> RayHead:
+                   env: dict | None = None, port: int | None = None, timeout: float = 90,
+                   auth_token: str | None = None) -> RayHead:
     """`ray start --head` with every port chosen free (GCS, dashboard, client server, agent), so it can
     run beside the session's cluster. With `autoscaling_config`, Ray's fake multi-node provider adds and
-    removes nodes as a cloud provider would."""
+    removes nodes as a cloud provider would. With `auth_token`, Ray token authentication is on (as it is
+    by default from Ray 2.61): every client must present the token."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths have a limit
     port, dash = port or free_port(), free_port()
     cmd = [_bin("ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
            f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
            f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
-    full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": auth_token} if auth_token else {"RAY_AUTH_MODE": "disabled"}
+    full_env = {**os.environ, **auth, **(env or {})}
     if autoscaling_config is not None:
         cmd.append(f"--autoscaling-config={autoscaling_config}")
         full_env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})

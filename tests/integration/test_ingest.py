@@ -215,7 +215,7 @@ def test_killed_driver_rerun_finishes_exactly_once(small_corpus, tmp_path):
     cfg = load("ingest", [f"input={small_corpus}", f"output={out}", *SMALL_INGEST, "shard.max_rows=3"])
     assert set(ids) == _expected_samples(cfg)
     assert not list((out / "shards").glob("*.tmp-*"))
-    assert "already committed" in run2.stdout
+    assert "already committed" in run2.stdout + run2.stderr
 
 
 _DECODE_CHILD = """

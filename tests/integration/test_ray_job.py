@@ -5,6 +5,8 @@ official format (here a tiny-preset So/C-style file written by the project's exp
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +35,6 @@ def _official_checkpoint(path: Path) -> Path:
 def test_ray_job_submit_fine_tunes_stage3_from_an_official_checkpoint(tmp_path, small_corpus, mlflow_server):
     import torch
     from mlflow.tracking import MlflowClient
-    from ray.job_submission import JobStatus, JobSubmissionClient
 
     from atoken.config import preset
     from atoken.model import AToken
@@ -41,8 +42,14 @@ def test_ray_job_submit_fine_tunes_stage3_from_an_official_checkpoint(tmp_path, 
 
     official = _official_checkpoint(tmp_path / "atoken-soc-tiny.safetensors")
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    head = start_ray_head(tmp_path, num_cpus=2, env={"PATH": env["PATH"]})
+    token = secrets.token_hex(16)
+    path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    head = start_ray_head(tmp_path, num_cpus=2, env={"PATH": path}, auth_token=token)
+    # token authentication is on (Ray 2.61's default for every cluster): a client without the token is
+    # refused, the documented one (RAY_AUTH_MODE=token + RAY_AUTH_TOKEN) gets in
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": path}
+    denied = subprocess.run([str(Path(bin_dir, "ray")), "job", "list", "--address", head.dashboard_url], cwd=REPO,
+                            env={**env, "RAY_AUTH_TOKEN": "not-the-token"}, capture_output=True, text=True, timeout=120)
     work = tmp_path / "work"
     try:
         cmd = [str(Path(bin_dir, "ray")), "job", "submit", "--address", head.dashboard_url, "--working-dir", ".",
@@ -57,11 +64,16 @@ def test_ray_job_submit_fine_tunes_stage3_from_an_official_checkpoint(tmp_path, 
                "curriculum.gates.threed_vs_background=null"]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         out = proc.stdout + proc.stderr
-        jobs = JobSubmissionClient(head.dashboard_url).list_jobs()
+        job_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", out)
+        # this process's Ray client caches the (disabled) auth of the session's own cluster: ask the CLI
+        status = subprocess.run([str(Path(bin_dir, "ray")), "job", "status", "--address", head.dashboard_url,
+                                 job_id.group(1) if job_id else "?"], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=120)
     finally:
         head.stop()
+    assert denied.returncode != 0, denied.stdout[-2000:] + denied.stderr[-2000:]
     assert proc.returncode == 0, out[-6000:]
-    assert len(jobs) == 1 and jobs[0].status == JobStatus.SUCCEEDED, jobs
+    assert job_id and "SUCCEEDED" in status.stdout + status.stderr, status.stdout + status.stderr
     # The job's logs (tailed by `ray job submit`) show each step as it ran, and the summary table.
     for line in ("[workflow] workflow atoken-job", "[workflow] ingest: ", "[ingest] committed ",
                  f"stage 3 train: 2 steps of image_rec+image_und+video_rec+video_und+3d_rec+3d_und from official "
@@ -75,7 +87,7 @@ def test_ray_job_submit_fine_tunes_stage3_from_an_official_checkpoint(tmp_path, 
     (version,) = client.search_model_versions("name = 'atoken-job'")
     assert version.tags["stage"] == "3"
     assert client.get_registered_model("atoken-job").aliases.get("champion") == version.version
-    assert client.get_run(version.run_id).data.tags["atoken.ray_job_id"] == jobs[0].job_id
+    assert client.get_run(version.run_id).data.tags["atoken.ray_submission_id"] == job_id.group(1)
 
     # The stage started from the official weights: two small steps away from them, far from a fresh init.
     trained = AToken.from_pretrained(version.tags["export"]).state_dict()
