@@ -70,7 +70,9 @@ class DataSection:
     ratios: dict[str, float] = field(default_factory=lambda: {"image_rec": 1.0, "image_und": 1.0})
     token_budget: int = 1024  # real tokens per worker per step (packed, not padded)
     max_tokens_per_sample: int = 1024  # larger samples are centre-cropped (images/videos) or subsampled (3D)
-    augment: bool = True  # random patch-grid offsets and flips for images and videos
+    augment: bool = True  # random patch-grid offsets and flips for reconstruction's images and videos
+    # rows in each stream's seeded shuffle buffer (Ray Data's local shuffle); 0: the shards' row order
+    shuffle_buffer: int = 256
     # reconstruction tasks: per-row sampling rate by dataset (the manifest's `dataset`), e.g. {photos: 8}:
     # each photo is drawn 8x as often as a row of an unlisted dataset (1.0); 0 leaves a dataset out of
     # reconstruction. Empty: natural shares. Understanding tasks always use natural shares.
@@ -189,6 +191,8 @@ class TrainConfig:
             _bad("data.token_budget", f"{d.token_budget}: must be >= 16")
         if d.max_tokens_per_sample < 1:
             _bad("data.max_tokens_per_sample", "must be >= 1")
+        if d.shuffle_buffer < 0:
+            _bad("data.shuffle_buffer", f"{d.shuffle_buffer}: rows in the shuffle buffer, >= 0 (0: shard order)")
         if d.min_und_samples < 2:
             _bad("data.min_und_samples", f"{d.min_und_samples}: an understanding batch needs >= 2 samples "
                  "(its other samples are the negatives of the sigmoid loss)")

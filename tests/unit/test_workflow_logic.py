@@ -274,7 +274,7 @@ def test_mixed_streams_draw_the_same_rows_per_stream_on_every_rank():
     from trainers.data import TaskStream
 
     def ranks_streams(rank):
-        streams = {k: TaskStream(lambda k=k: iter([_image_row(j, 32, k, "c") for j in range(1000)]), 256, key=k,
+        streams = {k: TaskStream(lambda epoch, k=k: iter([_image_row(j, 32, k, "c") for j in range(1000)]), 256, key=k,
                                  rng=np.random.default_rng([0, rank])) for k in ("image_rec@photos", "image_rec@mnist")}
         return MixedStream(streams, {"image_rec@photos": 0.75, "image_rec@mnist": 0.25}, [0, 7]), streams
 
@@ -295,7 +295,7 @@ def test_understanding_batches_hold_their_negatives():
 
     c = TrainConfig()
     c.data.shards, c.data.ratios, c.data.token_budget, c.data.min_und_samples = "x", {"image_und": 1.0}, 64, 4
-    c.data.augment = False
+    c.data.augment, c.data.shuffle_buffer = False, 0  # the stand-in shard has no Ray Data shuffle
     rows = [_image_row(i, 128, "photos", f"caption {i % 3}") for i in range(40)]  # 64 tokens each, uncapped
     data = TaskData(c, {"image_und": _Rows(rows)}, None, 0)
     for _ in range(5):
