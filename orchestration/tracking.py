@@ -166,7 +166,9 @@ def register_version(tracker: Tracker, step: Step, model_name: str, export_local
         client.create_registered_model(model_name)
     except mlflow.exceptions.MlflowException:
         pass  # registered already
-    version = str(client.create_model_version(model_name, info.model_uri, run_id=step.run_id).version)
+    # model_id: a tracking server (REST) refuses a models:/ source without it (the local store does not)
+    version = str(client.create_model_version(model_name, info.model_uri, run_id=step.run_id,
+                                              model_id=info.model_id).version)
     for k, v in {**tags, STEP_KEY: step.key}.items():
         client.set_model_version_tag(model_name, version, k, str(v))
     describe_registered_model(client, model_name)
