@@ -129,11 +129,9 @@ def evaluate(export: str, shards: str, out_dir: str, cfg: EvalConfig = EvalConfi
     images = _rows_by_dataset([r for r in eval_rows if r["modality"] == "image"], cfg.max_items)
     if images and train_imgs:
         fp = model.config.in_channels // model.config.patch_size[0]
-        pca = TokenPCA(k).fit(torch.cat([image_to_tokens(x)[0][:, :fp] for x in train_imgs]))
-        pca_q = None
-        if quantize is not None:
-            pca_q = TokenPCA(k).fit(torch.cat([image_to_tokens(x)[0][:, :fp] for x in train_imgs]))
-            pca_q.with_quantizer(quantize, torch.cat([image_to_tokens(x)[0][:, :fp] for x in train_imgs]))
+        train_tok = torch.cat([image_to_tokens(x)[0][:, :fp] for x in train_imgs])
+        pca = TokenPCA(k).fit(train_tok)
+        pca_q = copy.deepcopy(pca).with_quantizer(quantize, train_tok) if quantize is not None else None
         res["image_baseline_train_items"] = len(train_imgs)
         for ds, rows in images.items():
             scores = {m: _Scores() for m in ("model", "pca", "pca_fsq", "mean_colour")}
@@ -148,15 +146,16 @@ def evaluate(export: str, shards: str, out_dir: str, cfg: EvalConfig = EvalConfi
                 rec_pca = tokens_to_video(full(pca.reconstruct(tok[:, :fp])), coords, shape, model.config.patch_size)[0]
                 scores["model"].add(rec, x)
                 scores["pca"].add(rec_pca, x)
+                shown = rec_pca  # the pictures' third column: the baseline the gate compares with
                 if pca_q is not None:
-                    scores["pca_fsq"].add(tokens_to_video(full(pca_q.reconstruct(tok[:, :fp])), coords, shape,
-                                                          model.config.patch_size)[0], x)
+                    shown = tokens_to_video(full(pca_q.reconstruct(tok[:, :fp])), coords, shape, model.config.patch_size)[0]
+                    scores["pca_fsq"].add(shown, x)
                 scores["mean_colour"].add(x.mean((0, 1), keepdim=True).expand_as(x), x)
                 if net is not None:
                     for m, im in (("orig", x), ("model", rec), ("pca", rec_pca)):
                         feats[m].append(net(_to01(im))[1][0].numpy())
                 if len(pictures) < cfg.pictures:
-                    pictures.append([_u8(x), _u8(rec), _u8(rec_pca)])
+                    pictures.append([_u8(x), _u8(rec), _u8(shown)])
             pre = f"image/{ds}/"
             res[pre + "count"] = len(rows)
             scores["model"].into(res, pre)
@@ -174,7 +173,7 @@ def evaluate(export: str, shards: str, out_dir: str, cfg: EvalConfig = EvalConfi
     if vids and train_vids:
         train_tok = torch.cat([video_to_tokens(v)[0] for v in train_vids])
         pca = TokenPCA(min(k, len(train_tok))).fit(train_tok)
-        pca_q = TokenPCA(min(k, len(train_tok))).fit(train_tok).with_quantizer(quantize, train_tok) if quantize else None
+        pca_q = copy.deepcopy(pca).with_quantizer(quantize, train_tok) if quantize else None
         scores = {m: _Scores() for m in ("model", "pca", "pca_fsq", "mean_colour")}
         strip = []
         for r in vids:
@@ -185,11 +184,13 @@ def evaluate(export: str, shards: str, out_dir: str, cfg: EvalConfig = EvalConfi
             rec_pca = tokens_to_video(pca.reconstruct(tok), coords, shape, model.config.patch_size)
             scores["model"].add(rec, x)
             scores["pca"].add(rec_pca, x)
+            shown = rec_pca
             if pca_q is not None:
-                scores["pca_fsq"].add(tokens_to_video(pca_q.reconstruct(tok), coords, shape, model.config.patch_size), x)
+                shown = tokens_to_video(pca_q.reconstruct(tok), coords, shape, model.config.patch_size)
+                scores["pca_fsq"].add(shown, x)
             scores["mean_colour"].add(x.mean((0, 1, 2), keepdim=True).expand_as(x), x)
             if not strip:
-                strip = [[_u8(x[i]), _u8(rec[i]), _u8(rec_pca[i])] for i in range(0, x.shape[0], max(1, x.shape[0] // 4))]
+                strip = [[_u8(x[i]), _u8(rec[i]), _u8(shown[i])] for i in range(0, x.shape[0], max(1, x.shape[0] // 4))]
         res["video/count"] = len(vids)
         scores["model"].into(res, "video/")
         for m in ("pca", "pca_fsq", "mean_colour"):
