@@ -40,18 +40,19 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window: int 
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets [N, D] (FID's formula)."""
-    from scipy import linalg
+    """Fréchet distance between Gaussians fitted to two feature sets [N, D] (FID's formula).
 
+    tr sqrt(S1 S2) is computed in sample space: with centred features X1, X2 and S_i = X_i^T X_i / (n_i - 1),
+    the non-zero eigenvalues of S1 S2 are those of M M^T with M = X1 X2^T / sqrt((n1 - 1)(n2 - 1)), so the
+    trace is M's nuclear norm. Exact for any N and D, and an [N1, N2] SVD instead of a D x D matrix square
+    root (1.7 s per call at D = 1280 on 2 cores; the eval step's largest cost)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if len(a) < 2 or len(b) < 2:
         raise ValueError("frechet_distance needs at least 2 samples per set")
     mu1, mu2 = a.mean(0), b.mean(0)
-    # fewer samples than dimensions leave the covariances singular: a small ridge keeps sqrtm well posed
-    eps = np.eye(a.shape[1]) * 1e-6
-    s1, s2 = np.cov(a, rowvar=False) + eps, np.cov(b, rowvar=False) + eps
-    covmean = linalg.sqrtm(s1 @ s2).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    x1, x2 = (a - mu1) / np.sqrt(len(a) - 1), (b - mu2) / np.sqrt(len(b) - 1)
+    cross = np.linalg.svd(x1 @ x2.T, compute_uv=False).sum()
+    return float(((mu1 - mu2) ** 2).sum() + (x1 ** 2).sum() + (x2 ** 2).sum() - 2 * cross)
 
 
 def zero_shot_accuracy(image_emb: torch.Tensor, class_text_emb: torch.Tensor, labels: torch.Tensor) -> float:

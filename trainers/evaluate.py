@@ -252,15 +252,15 @@ def _understanding(model, proj, tower_cfg, shards, eval_rows, cfg: EvalConfig) -
     Per modality: text -> visual and visual -> text retrieval R@1 / R@5 over the eval captions, against a
     randomly initialised encoder and chance."""
     from atoken.model import AToken
-    from atoken.text import text_tower
+    from trainers.start import cached_text_embeddings
 
     res: dict = {}
-    tower = text_tower(tower_cfg.get("tower", "minilm"), tower_cfg.get("path") or None)
     torch.manual_seed(0)
     random_model = AToken(copy.deepcopy(model.config)).eval()
 
     def text_emb(texts: list[str]) -> torch.Tensor:
-        return F.normalize(tower.encode(texts) @ proj.T, dim=-1)
+        emb = cached_text_embeddings(shards, tower_cfg.get("tower", "minilm"), tower_cfg.get("path") or "", texts)
+        return F.normalize(emb @ proj.T, dim=-1)
 
     train = [r for r in iter_rows(shards, split="train") if r["label"] is not None and r["modality"] == "image"]
     for ds in sorted({r.get("dataset") or "all" for r in eval_rows if r["label"] is not None and r["modality"] == "image"}):

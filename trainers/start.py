@@ -160,27 +160,32 @@ def caption_embeddings(cfg: TrainConfig) -> tuple[list[str], torch.Tensor] | Non
         return None
     wanted = sorted({r["caption"] or "" for mod in und
                      for r in iter_rows(cfg.data.shards, modality=mod, split="train", columns=["caption"])})
-    cache = text_cache(cfg)
+    return wanted, cached_text_embeddings(cfg.data.shards, cfg.losses.text_tower, cfg.losses.text_path, wanted)
+
+
+def text_cache(shards: str, tower: str, path: str) -> str:
+    import hashlib
+
+    key = hashlib.sha1(f"{tower}:{path}".encode()).hexdigest()[:12]
+    return storage.join(shards.rstrip("/").rsplit("/", 1)[0], "text_embeddings", f"{tower}-{key}")
+
+
+def cached_text_embeddings(shards: str, tower: str, path: str, texts: list[str]) -> torch.Tensor:
+    """Text-tower embeddings [len(texts), D] from the cache beside the shards. On a miss the tower loads
+    once and embeds every caption of the shards (all modalities and splits) with the texts asked for, so
+    the later stages' workers and evaluations find them all (the tower's import and load cost 6 s)."""
+    cache = text_cache(shards, tower, path)
     names, emb = read_text_cache(cache)
-    if not set(wanted) <= set(names):
+    if not set(texts) <= set(names):
         from atoken.text import text_tower
 
-        every = sorted({r["caption"] or "" for mod in ("image", "video", "3d")
-                        for r in iter_rows(cfg.data.shards, modality=mod, split="train", columns=["caption"])})
-        missing = [c for c in every if c not in set(names)]
-        tower = text_tower(cfg.losses.text_tower, cfg.losses.text_path or None)
-        new = tower.encode(missing)
+        every = {r["caption"] or "" for r in iter_rows(shards, columns=["caption"])} | set(texts)
+        missing = sorted(every - set(names))
+        new = text_tower(tower, path or None).encode(missing)
         names, emb = names + missing, new if emb is None else torch.cat([emb, new])
         write_text_cache(cache, names, emb)
     index = {c: i for i, c in enumerate(names)}
-    return wanted, emb[[index[c] for c in wanted]]
-
-
-def text_cache(cfg: TrainConfig) -> str:
-    import hashlib
-
-    tower = hashlib.sha1(f"{cfg.losses.text_tower}:{cfg.losses.text_path}".encode()).hexdigest()[:12]
-    return storage.join(cfg.data.shards.rstrip("/").rsplit("/", 1)[0], "text_embeddings", f"{cfg.losses.text_tower}-{tower}")
+    return emb[[index[c] for c in texts]]
 
 
 def read_text_cache(uri: str) -> tuple[list[str], torch.Tensor | None]:

@@ -27,7 +27,21 @@ def test_frechet_distance():
     assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
     shifted = frechet_distance(a, a + np.array([1.0, 0, 0, 0]))
     assert shifted == pytest.approx(1.0, abs=1e-6)  # only the mean moved by 1
-    assert frechet_distance(a, a * 2) > 1.0
+    # b = 2a: S2 = 4 S1, tr sqrt(S1 S2) = 2 tr S1, so FD = |mu|^2 + tr S1 exactly
+    expected = (a.mean(0) ** 2).sum() + np.trace(np.cov(a, rowvar=False))
+    assert frechet_distance(a, a * 2) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_matches_matrix_square_root():
+    """The sample-space trace equals FID's sqrtm formula, also with fewer samples than dimensions."""
+    from scipy import linalg
+
+    rng = np.random.default_rng(1)
+    for n1, n2, d in ((300, 200, 6), (12, 9, 40)):
+        a, b = rng.normal(size=(n1, d)), rng.normal(size=(n2, d)) @ rng.normal(size=(d, d)) * 0.5 + 0.3
+        s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+        ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
+        assert frechet_distance(a, b) == pytest.approx(ref, rel=1e-4)
 
 
 def test_understanding_metrics():
