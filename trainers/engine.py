@@ -42,25 +42,41 @@ def deepspeed_config(cfg: TrainConfig, gpu: bool) -> dict:
 
 def param_groups(module: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     """Encoder at lr x its multiplier (0.1 only when the encoder really is pretrained), the sigmoid loss's
-    temperature and bias at lr x optim.logit_lr_mult; no weight decay on norms, biases, tables, scalars."""
+    temperature and bias at lr x optim.logit_lr_mult, the Gaussian decoder at lr x optim.gaussian_lr_mult;
+    no weight decay on norms, biases, tables, scalars."""
     mult = cfg.optim.encoder_multiplier(cfg.model.pretrained_encoder)
     groups: dict[tuple[str, bool], list] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         part = ("logit" if name in ("model.logit_scale", "model.logit_bias") else
-                "enc" if name.startswith("model.encoder.") else "rest")
+                "enc" if name.startswith("model.encoder.") else
+                "gs" if name.startswith("model.gs_decoder.") else "rest")
         decay = p.ndim >= 2 and "position_embedding" not in name
         groups.setdefault((part, decay), []).append(p)
-    lr = {"enc": cfg.optim.lr * mult, "rest": cfg.optim.lr, "logit": cfg.optim.lr * cfg.optim.logit_lr_mult}
+    lr = {"enc": cfg.optim.lr * mult, "rest": cfg.optim.lr, "logit": cfg.optim.lr * cfg.optim.logit_lr_mult,
+          "gs": cfg.optim.lr * cfg.optim.gaussian_lr_mult}
     return [{"params": ps, "lr": lr[part], "weight_decay": cfg.optim.weight_decay if decay else 0.0,
              "name": f"{part}-{'wd' if decay else 'nowd'}"} for (part, decay), ps in sorted(groups.items())]
+
+
+def skip_cpu_shm_op() -> None:
+    """DeepSpeed's communication backend JIT-builds its shared-memory all-reduce op on a CPU accelerator
+    whenever it starts. That op serves only `inference_all_reduce`, which training never calls; its build
+    took 36.8 s of a fresh main job's stage 1 (and again whenever the extension cache is invalidated), so
+    CPU training does without it and ZeRO-3's collectives go through the gloo process group as before."""
+    import importlib
+
+    # by module path: the attribute `deepspeed.comm.torch` is the torch package itself
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def build_engine(module: torch.nn.Module, cfg: TrainConfig, gpu: bool):
     """deepspeed.initialize on the process group Ray Train set up."""
     import deepspeed
 
+    if not gpu:
+        skip_cpu_shm_op()
     schedule = lr_lambda(cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=param_groups(module, cfg), config=deepspeed_config(cfg, gpu),

@@ -22,7 +22,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     import deepspeed
 
     from trainers.ema import ShardedEMA
+    from trainers.engine import skip_cpu_shm_op
 
+    skip_cpu_shm_op()  # as the trainer does on CPU (no JIT build of an op training never uses)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     # 120,300 elements (above ZeRO-3's persistence threshold: gathered per use) and 1,204 (persistent)
