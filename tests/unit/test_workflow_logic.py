@@ -105,6 +105,7 @@ def test_train_config_validation_names_keys():
 def test_encoder_lr_multiplier_only_for_a_pretrained_encoder():
     from trainers.engine import param_groups
     from trainers.module import TrainModule
+    from trainers.start import gaussian_decoder_for_grid
 
     c = TrainConfig()
     c.data.shards = "x"
@@ -119,6 +120,11 @@ def test_encoder_lr_multiplier_only_for_a_pretrained_encoder():
     assert {g["name"]: g["lr"] for g in param_groups(mod, c)}["logit-nowd"] == pytest.approx(100 * c.optim.lr)
     c.optim.encoder_lr_mult = 0.5
     assert {g["name"]: g["lr"] for g in param_groups(mod, c)}["enc-nowd"] == pytest.approx(0.5 * c.optim.lr)
+    mod.model.attach_gaussian_decoder(gaussian_decoder_for_grid(None, 8))
+    c.optim.gaussian_lr_mult = 0.3
+    groups = {g["name"]: (g["lr"], len(g["params"])) for g in param_groups(mod, c)}
+    assert groups["gs-wd"][0] == pytest.approx(0.3 * c.optim.lr) and groups["rest-wd"][0] == c.optim.lr
+    assert sum(n for _, n in groups.values()) == sum(1 for p in mod.parameters() if p.requires_grad)
 
 
 def test_zero3_persistence_threshold_auto_by_device_and_explicit():
