@@ -364,15 +364,23 @@ def _gs_features(gs, rec: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.layer_norm(h.float(), (h.shape[-1],))
 
 
-def _ridge_by_halves(X: torch.Tensor, Y: torch.Tensor, ridges: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)) -> float:
-    """The ridge whose fit on one half of the rows best predicts the other half. A few hundred voxels
-    against a width of hundreds of features: a weak ridge fits each voxel exactly with large weights, and
-    the first optimiser steps then throw every colour out of [0, 1] (measured: all renders black after
-    three steps at lr 3e-4 with ridge 1e-3)."""
-    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
-    a, b = perm[: len(X) // 2], perm[len(X) // 2:]
-    err = {r: float((X[b] @ _lstsq(X[a], Y[a], r).T - Y[b]).pow(2).mean()
-                    + (X[a] @ _lstsq(X[b], Y[b], r).T - Y[a]).pow(2).mean()) for r in ridges}
+def _ridge_held_out(X: torch.Tensor, Y: torch.Tensor, groups: torch.Tensor,
+                    ridges: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)) -> float:
+    """The ridge whose fits best predict held-out rows: each asset from the others when there are two or
+    more (a new asset is what the decoder must colour), else one half of the rows from the other. A few
+    hundred voxels against a width of hundreds of features: a weak ridge fits each voxel exactly with large
+    weights, and the first optimiser steps then throw every colour out of [0, 1] (measured: all renders
+    black after three steps at lr 3e-4 with ridge 1e-3)."""
+    ids = groups.unique()
+    if len(ids) >= 2:
+        folds = [(groups != g, groups == g) for g in ids]
+    else:
+        perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
+        a = torch.zeros(len(X), dtype=torch.bool)
+        a[perm[: len(X) // 2]] = True
+        folds = [(a, ~a), (~a, a)]
+    err = {r: sum(float((X[te] @ _lstsq(X[tr], Y[tr], r).T - Y[te]).pow(2).mean()) for tr, te in folds)
+           for r in ridges}
     return min(err, key=err.get)
 
 
@@ -403,7 +411,8 @@ def gaussian_decoder_init(model, assets: list[dict], scales: tuple[float, ...] =
         per_asset.append((rec, batch.coords))
     F_, C = torch.cat(feats), torch.cat(target)
     X = torch.cat([F_, torch.ones(len(F_), 1, dtype=torch.float64)], 1)
-    ridge = _ridge_by_halves(X, (C - 0.5) / SH_C0)
+    groups = torch.cat([torch.full((len(f),), i) for i, f in enumerate(feats)])
+    ridge = _ridge_held_out(X, (C - 0.5) / SH_C0, groups)
     w = _lstsq(X, (C - 0.5) / SH_C0, ridge)  # [3, width + 1] -> DC colour
     out = gs.out_layer
     for k in range(K):  # every Gaussian of a voxel starts with the voxel's colour

@@ -118,3 +118,17 @@ def test_scalar_gains_fit_the_quantiser_range():
     g, s, err = fit_scalar_gains(z, lambda x: fsq(x)[0])
     plain = float((fsq(z)[0] - z).pow(2).mean())
     assert err < 0.5 * plain and g[0] > g[-1]  # narrow channels are spread, wide ones squeezed
+
+
+def test_colour_ridge_is_chosen_on_held_out_assets():
+    """Per-asset features that only identify an asset fit its voxels exactly; chosen on random halves of
+    the voxels a weak ridge wins, chosen on held-out assets (what a new asset is) a strong one."""
+    from atoken.init import _ridge_held_out
+
+    g = torch.Generator().manual_seed(0)
+    groups = torch.arange(4).repeat_interleave(60)
+    identity = torch.randn(4, 30, generator=g, dtype=torch.float64) * 3  # what tells one asset from another
+    X = identity[groups] + 0.1 * torch.randn(240, 30, generator=g, dtype=torch.float64)
+    Y = torch.tensor([0.8, -0.5, 0.1, 0.4], dtype=torch.float64)[groups][:, None]  # each asset one colour
+    assert _ridge_held_out(X, Y, torch.zeros_like(groups)) <= 1e-2
+    assert _ridge_held_out(X, Y, groups) >= 10.0
