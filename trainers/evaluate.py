@@ -135,7 +135,7 @@ def evaluate(export: str, shards: str, out_dir: str, cfg: EvalConfig = EvalConfi
         res["image_baseline_train_items"] = len(train_imgs)
         for ds, rows in images.items():
             scores = {m: _Scores() for m in ("model", "pca", "pca_fsq", "mean_colour")}
-            feats = {m: [] for m in ("orig", "model", "pca")}
+            feats = {m: [] for m in ("orig", "model", "pca", "pca_fsq")}
             pictures = []
             for r in rows:
                 x = row_to_sample(r, cfg.max_tokens).data
@@ -152,7 +152,7 @@ def evaluate(export: str, shards: str, out_dir: str, cfg: EvalConfig = EvalConfi
                     scores["pca_fsq"].add(shown, x)
                 scores["mean_colour"].add(x.mean((0, 1), keepdim=True).expand_as(x), x)
                 if net is not None:
-                    for m, im in (("orig", x), ("model", rec), ("pca", rec_pca)):
+                    for m, im in (("orig", x), ("model", rec), ("pca", rec_pca)) + ((("pca_fsq", shown),) if pca_q else ()):
                         feats[m].append(net(_to01(im))[1][0].numpy())
                 if len(pictures) < cfg.pictures:
                     pictures.append([_u8(x), _u8(rec), _u8(shown)])
@@ -164,6 +164,8 @@ def evaluate(export: str, shards: str, out_dir: str, cfg: EvalConfig = EvalConfi
             if net is not None and len(rows) >= 2:
                 res[pre + "fd"] = frechet_distance(np.stack(feats["orig"]), np.stack(feats["model"]))
                 res[pre + "pca_fd"] = frechet_distance(np.stack(feats["orig"]), np.stack(feats["pca"]))
+                if pca_q is not None:
+                    res[pre + "pca_fsq_fd"] = frechet_distance(np.stack(feats["orig"]), np.stack(feats["pca_fsq"]))
             _grid(pictures, os.path.join(out_dir, f"images_{ds}.png"))
 
     # ------------------------------------------------------------------ videos
@@ -258,11 +260,14 @@ def _understanding(model, proj, tower_cfg, shards, eval_rows, cfg: EvalConfig) -
     torch.manual_seed(0)
     random_model = AToken(copy.deepcopy(model.config)).eval()
 
-    def text_emb(texts: list[str]) -> torch.Tensor:
-        emb = cached_text_embeddings(shards, tower_cfg.get("tower", "minilm"), tower_cfg.get("path") or "", texts)
-        return F.normalize(emb @ proj.T, dim=-1)
-
     train = [r for r in iter_rows(shards, split="train") if r["label"] is not None and r["modality"] == "image"]
+    # one cache read for every text this evaluation asks for: the eval captions and the class prompts
+    texts = sorted({r["caption"] or "" for r in eval_rows + train})
+    table = dict(zip(texts, cached_text_embeddings(shards, tower_cfg.get("tower", "minilm"), tower_cfg.get("path") or "", texts)))
+
+    def text_emb(captions: list[str]) -> torch.Tensor:
+        return F.normalize(torch.stack([table[c] for c in captions]) @ proj.T, dim=-1)
+
     for ds in sorted({r.get("dataset") or "all" for r in eval_rows if r["label"] is not None and r["modality"] == "image"}):
         test = [r for r in eval_rows if r["label"] is not None and r["modality"] == "image" and (r.get("dataset") or "all") == ds]
         tr = [r for r in train if (r.get("dataset") or "all") == ds][: cfg.baseline_items]
