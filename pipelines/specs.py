@@ -85,14 +85,22 @@ def config_digest(cfg: IngestConfig) -> str:
 
 
 def partition(specs: list[dict], cfg: IngestConfig) -> list[Partition]:
-    """Sorted by (modality, item, clip); cut between items where possible, so a video's clips share a
+    """Per modality, items grouped by dataset and in a pseudo-random order inside it (a hash of the item
+    id), each item's clips in order; cut between items where possible, so a video's clips share a
     partition (one open + forward decoding instead of a re-seek per shard); an item larger than the
-    shard targets is split into consecutive chunks. Deterministic."""
+    shard targets is split into consecutive chunks. Deterministic.
+
+    Why hashed: ids are often sorted by class (the sample corpus's digits are, as is a folder per
+    class), and shards in id order gave training streams long runs of one class that a local shuffle
+    buffer cannot mix: at 500 digits per class, understanding batches held 1-2 classes and zero-shot
+    accuracy stayed at chance (0.10-0.20, against 0.55-0.72 with 50 digits per class). Why grouped by
+    dataset: a stream of one dataset (data.rec_dataset_weights) then reads few shards' rows for its own;
+    with 12 photos spread over 20 digit shards, stage 1's step took 0.49 s instead of 0.28."""
     digest = config_digest(cfg)
     tb, rows = cfg.shard.target_bytes, cfg.shard.max_rows
     parts: list[Partition] = []
     for modality in ("image", "video", "3d"):
-        todo = sorted((s for s in specs if s["modality"] == modality), key=lambda s: (s["item_id"], s.get("clip_index", 0)))
+        todo = sorted((s for s in specs if s["modality"] == modality), key=lambda s: (s.get("dataset") or "", _order(s["item_id"]), s["item_id"], s.get("clip_index", 0)))
         items: list[list[dict]] = []
         for s in todo:
             if items and items[-1][0]["item_id"] == s["item_id"]:
@@ -117,6 +125,10 @@ def partition(specs: list[dict], cfg: IngestConfig) -> list[Partition]:
             chunks.append(chunk)
         parts += [_named(modality, k, c, digest) for k, c in enumerate(chunks)]
     return parts
+
+
+def _order(item_id: str) -> str:
+    return hashlib.sha1(item_id.encode()).hexdigest()
 
 
 def _named(modality: str, k: int, chunk: list[dict], digest: str) -> Partition:
