@@ -57,6 +57,19 @@ def test_understanding_metrics():
     assert linear_probe_accuracy(x[::2], y[::2], x[1::2], y[1::2]) > 0.95
 
 
+def test_evaluation_subsets_hold_every_group_of_sorted_rows():
+    from trainers.evaluate import round_robin
+
+    rows = [{"id": i, "label": str(i // 100), "dataset": "mnist"} for i in range(1000)]  # sorted by label
+    rows += [{"id": 1000 + i, "label": None, "dataset": "photos"} for i in range(3)]
+    sub = round_robin(rows[:1000], 250)
+    counts = {lab: sum(r["label"] == lab for r in sub) for lab in {r["label"] for r in rows[:1000]}}
+    assert len(sub) == 250 and set(counts.values()) == {25}  # a plain head held labels 0-2 only
+    assert [r["id"] for r in sub if r["label"] == "3"] == list(range(300, 325))  # each group in stored order
+    by_ds = round_robin(iter(rows), 10, key="dataset")
+    assert sum(r["dataset"] == "photos" for r in by_ds) == 3 and len(by_ds) == 10
+
+
 def _patch_psnr(rec: torch.Tensor, ref: torch.Tensor) -> float:
     return float(10 * torch.log10(4 / (rec.clamp(-1, 1) - ref).pow(2).mean()))
 
