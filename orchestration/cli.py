@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     s_sub = s.add_subparsers(dest="action", required=True)
     b = s_sub.add_parser("build", help="build the sample corpus from files installed packages ship")
     b.add_argument("--out", required=True, help="output folder")
-    b.add_argument("--digits-per-class", type=int, default=50, help="MNIST digits per class (max 500)")
+    b.add_argument("--digits-per-class", type=int, default=500, help="MNIST digits per class (max 500: all of the packaged set)")
     b.add_argument("--gaussians", type=int, default=3000, help="Gaussians per 3D asset")
     b.set_defaults(func=_samples)
 

