@@ -24,7 +24,7 @@ def test_counts_per_modality(corpus):
     photos = [r for r in rows if r["modality"] == "image" and not r["id"].startswith("digit_")]
     digits = [r for r in rows if r["id"].startswith("digit_")]
     assert len(photos) >= 12 and counts["video"] >= 7 and counts["3d"] >= 3
-    assert Counter(r["label"] for r in digits) == {str(c): 50 for c in range(10)}
+    assert Counter(r["label"] for r in digits) == {str(c): 500 for c in range(10)}  # all packaged digits
     assert sum(1 for r in rows if r["modality"] == "video" and "_" in r["id"]) >= 4  # pans/zooms
     assert all(r["caption"] for r in rows)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
@@ -106,7 +106,7 @@ def test_split_is_deterministic_and_covers_every_modality(corpus, tmp_path):
         assert splits["eval"] >= 1 and splits["train"] >= 2, (modality, splits)
     digits = [r for r in rows if r["id"].startswith("digit_")]
     for c in range(10):
-        assert sum(1 for r in digits if r["label"] == str(c) and r["split"] == "eval") == 10
+        assert sum(1 for r in digits if r["label"] == str(c) and r["split"] == "eval") == 100
 
 
 def test_cli_builds_corpus(tmp_path):
