@@ -146,18 +146,24 @@ def evaluate(export: str, shards: str, out_dir: str, cfg: EvalConfig = EvalConfi
         net = FeatureNetwork(cfg.feature_network, cfg.feature_network_path or None, cfg.feature_resolution)
 
     # ------------------------------------------------------------------ images
-    # each dataset's floor is PCA fitted on that dataset's training images (all of them where it has none):
-    # one PCA over every image let the larger dataset decide it, and 4,000 digits beside 12 photos took
-    # the photos' floor from 19.98 to 17.94 dB
+    # each dataset's floor is PCA fitted on that dataset's training images (on every dataset's where it has
+    # fewer tokens than the latent has channels): one PCA over every image let the larger dataset decide
+    # it, and 4,000 digits beside 12 photos took the photos' floor from 19.98 to 17.94 dB
     train_by_ds = _rows_by_dataset(iter_rows(shards, modality="image", split="train"), cfg.baseline_items)
     images = _rows_by_dataset([r for r in eval_rows if r["modality"] == "image"], cfg.max_items)
     if images and train_by_ds:
         fp = model.config.in_channels // model.config.patch_size[0]
+
+        def tokens(rows: list[dict]) -> torch.Tensor:
+            return torch.cat([image_to_tokens(row_to_sample(r, cfg.max_tokens).data)[0][:, :fp] for r in rows])
+
+        pooled = round_robin((r for g in train_by_ds.values() for r in g), cfg.baseline_items, "dataset")
         for ds, rows in images.items():
-            fit_rows = train_by_ds.get(ds) or round_robin((r for g in train_by_ds.values() for r in g),
-                                                          cfg.baseline_items, "dataset")
-            train_tok = torch.cat([image_to_tokens(row_to_sample(r, cfg.max_tokens).data)[0][:, :fp] for r in fit_rows])
-            pca = TokenPCA(min(k, len(train_tok))).fit(train_tok)
+            fit_rows = train_by_ds.get(ds, [])
+            train_tok = tokens(fit_rows) if fit_rows else torch.zeros(0, fp)
+            if len(train_tok) < k:
+                fit_rows, train_tok = pooled, tokens(pooled)
+            pca = TokenPCA(k).fit(train_tok)
             pca_q = copy.deepcopy(pca).with_quantizer(quantize, train_tok) if quantize is not None else None
             res[f"image/{ds}/baseline_train_items"] = len(fit_rows)
             scores = {m: _Scores() for m in ("model", "pca", "pca_fsq", "mean_colour")}
