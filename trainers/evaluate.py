@@ -104,30 +104,27 @@ class _Scores:
             res[f"{prefix}psnr"], res[f"{prefix}ssim"] = float(np.mean(self.psnr)), float(np.mean(self.ssim))
 
 
+def _rows_by(rows: Iterable[dict], limit: int, key: str = "dataset") -> dict[str, list[dict]]:
+    """Up to `limit` rows per value of `key` ("all" where it has none), in stored order."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        group = out.setdefault(r.get(key) or "all", [])
+        if len(group) < limit:  # bounded memory on a large shard set
+            group.append(r)
+    return out
+
+
 def round_robin(rows: Iterable[dict], limit: int, key: str = "label") -> list[dict]:
     """Up to `limit` rows taken round-robin over the values of `key` (each group in its stored order).
     Shards are often sorted by label or dataset (the sample corpus's are), and a plain head of the list
     held a few groups only: at 500 digits per class, a probe on the first 2,000 of 4,000 training digits
     saw 5 of the 10 classes, and the image PCA floor's first 2,000 training images held no photo."""
-    groups: dict = {}
-    for r in rows:
-        group = groups.setdefault(r.get(key), [])
-        if len(group) < limit:  # bounded memory on a large shard set
-            group.append(r)
+    groups = _rows_by(rows, limit, key)
     queues = [groups[k] for k in sorted(groups, key=str)]
     out: list[dict] = []
     for i in range(max((len(q) for q in queues), default=0)):
         out.extend(q[i] for q in queues if i < len(q))
     return out[:limit]
-
-
-def _rows_by_dataset(rows: Iterable[dict], limit: int) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for r in rows:
-        group = out.setdefault(r.get("dataset") or "all", [])
-        if len(group) < limit:
-            group.append(r)
-    return out
 
 
 @torch.no_grad()
@@ -149,8 +146,8 @@ def evaluate(export: str, shards: str, out_dir: str, cfg: EvalConfig = EvalConfi
     # each dataset's floor is PCA fitted on that dataset's training images (on every dataset's where it has
     # fewer tokens than the latent has channels): one PCA over every image let the larger dataset decide
     # it, and 4,000 digits beside 12 photos took the photos' floor from 19.98 to 17.94 dB
-    train_by_ds = _rows_by_dataset(iter_rows(shards, modality="image", split="train"), cfg.baseline_items)
-    images = _rows_by_dataset([r for r in eval_rows if r["modality"] == "image"], cfg.max_items)
+    train_by_ds = _rows_by(iter_rows(shards, modality="image", split="train"), cfg.baseline_items)
+    images = _rows_by([r for r in eval_rows if r["modality"] == "image"], cfg.max_items)
     if images and train_by_ds:
         fp = model.config.in_channels // model.config.patch_size[0]
 
@@ -292,7 +289,7 @@ def _understanding(model, proj, tower_cfg, shards, eval_rows, cfg: EvalConfig) -
     torch.manual_seed(0)
     random_model = AToken(copy.deepcopy(model.config)).eval()
 
-    train = [r for r in iter_rows(shards, split="train") if r["label"] is not None and r["modality"] == "image"]
+    train = [r for r in iter_rows(shards, modality="image", split="train") if r["label"] is not None]
     # one cache read for every text this evaluation asks for: the eval captions and the class prompts
     texts = sorted({r["caption"] or "" for r in eval_rows + train})
     table = dict(zip(texts, cached_text_embeddings(shards, tower_cfg.get("tower", "minilm"), tower_cfg.get("path") or "", texts)))
