@@ -73,8 +73,28 @@ def linear_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.n
     return float((clf.predict(np.asarray(test_x)) == np.asarray(test_y)).mean())
 
 
-def retrieval_recall(query_emb: torch.Tensor, gallery_emb: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """Query i's match is gallery i. Returns {'R@1': ..., 'R@5': ...}."""
+def retrieval_recall(query_emb: torch.Tensor, gallery_emb: torch.Tensor, ks: tuple[int, ...] = (1, 5),
+                     query_keys: list | None = None, gallery_keys: list | None = None) -> dict[str, float]:
+    """R@k of each query: a hit when a matching gallery item is among the k highest-scoring ones. Without
+    keys query i's match is gallery i; with keys every gallery item of the query's key matches (clips
+    of one video sharing its caption, digits sharing a class caption: scoring one of them first is
+    correct, as the training loss counts them as positives). Also returns 'chance@k', the expected R@k
+    of a random ordering, which depends on how many matches each query has."""
     sims = F.normalize(query_emb.float(), dim=-1) @ F.normalize(gallery_emb.float(), dim=-1).T
-    rank = (sims > sims.diagonal()[:, None]).sum(1)  # how many gallery items beat the true match
-    return {f"R@{k}": float((rank < k).float().mean()) for k in ks}
+    if query_keys is None or gallery_keys is None:
+        match = torch.eye(len(query_emb), len(gallery_emb), dtype=torch.bool)
+    else:
+        match = torch.tensor([[q == g for g in gallery_keys] for q in query_keys], dtype=torch.bool)
+    if not bool(match.any(1).all()):
+        raise ValueError("retrieval_recall: every query needs at least one matching gallery item")
+    best = sims.masked_fill(~match, float("-inf")).max(1).values
+    rank = ((sims > best[:, None]) & ~match).sum(1)  # non-matching items that beat the best match
+    n, m = match.shape[1], match.sum(1).double()
+    out = {}
+    for k in ks:
+        out[f"R@{k}"] = float((rank < k).float().mean())
+        miss = torch.ones_like(m)  # P(no match in a random top k) = C(n - m, k) / C(n, k)
+        for j in range(min(k, n)):
+            miss = miss * ((n - m - j) / (n - j)).clamp(min=0)
+        out[f"chance@{k}"] = float((1 - miss).mean())
+    return out

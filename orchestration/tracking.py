@@ -295,7 +295,7 @@ def describe_version(stage: int, m: dict) -> str:
                      f"mean colour {m.get('video/mean_colour_psnr', float('nan')):.2f}")
     if "3d/psnr" in m:
         lines.append(f"- 3D held-out view: PSNR {m['3d/psnr']:.2f} dB, background-only render {m['3d/background_psnr']:.2f}")
-    und = [f"{k.split('/')[1]} {m[k]:.3f}" for k in sorted(m) if k.startswith("und/") and k.endswith(("acc", "r1", "r5"))]
+    und = [f"{k[len('und/'):]} {m[k]:.3f}" for k in sorted(m) if k.startswith("und/") and k.endswith(("acc", "r1", "r5"))]
     if und:
         lines.append("- understanding: " + ", ".join(und))
     return "\n".join(lines)

@@ -266,6 +266,11 @@ def eval_line(m: dict) -> str:
         ds = k.split("/")[1]
         parts.append(f"{ds} probe {m[k]:.2f} (random encoder {m.get(f'und/{ds}/probe_random_encoder', float('nan')):.2f}, "
                      f"pixels {m.get(f'und/{ds}/probe_pixels', float('nan')):.2f}), 0-shot {m.get(f'und/{ds}/zero_shot_acc', float('nan')):.2f}")
+    for mod in ("image", "video", "3d"):
+        pre = f"und/{mod}_retrieval/"
+        if pre + "v2t_r1" in m:
+            parts.append(f"{mod}->text R@1 {m[pre + 'v2t_r1']:.2f} (random encoder {m[pre + 'random_encoder_v2t_r1']:.2f}, "
+                         f"chance {m[pre + 'v2t_chance_r1']:.2f})")
     return "; ".join(parts) or "nothing measured"
 
 
@@ -279,7 +284,7 @@ def _with_aliases(rows: list[dict], client, model: str) -> None:
 def summary_table(rows: list[dict]) -> list[str]:
     f = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
     head = (f"{'stage':<6}{'ver':<5}{'images: PSNR / floor (dataset)':<44}{'video / floor':>15}{'3D / bg':>14}"
-            f"{'probe / random':>16}  {'gates':<6}aliases")
+            f"{'probe / random':>16}{'video->text':>13}  {'gates':<6}aliases")
     lines = [head]
     for r in rows:
         m = r["metrics"]
@@ -289,13 +294,15 @@ def summary_table(rows: list[dict]) -> list[str]:
         probe_key = next((k for k in sorted(m) if k.endswith("/linear_probe_acc")), "")
         ds = probe_key.split("/")[1] if probe_key else ""
         probe = f"{f(m.get(probe_key))}/{f(m.get(f'und/{ds}/probe_random_encoder'))}" if probe_key else "-"
-        lines.append(f"{r['stage']:<6}{r['version']:<5}{imgs:<44}{vid:>15}{threed:>14}{probe:>16}  "
+        v2t = f"{f(m.get('und/video_retrieval/v2t_r1'))}/{f(m.get('und/video_retrieval/random_encoder_v2t_r1'))}"
+        lines.append(f"{r['stage']:<6}{r['version']:<5}{imgs:<44}{vid:>15}{threed:>14}{probe:>16}{v2t:>13}  "
                      f"{r['gates']:<6}{','.join(r.get('aliases', []))}")
     return lines
 
 
 def print_summary(rows: list[dict], work: Path, tracking: str, wall: float, log_file=None, ray_logs: str = "") -> None:
-    lines = ["", "summary (PSNR in dB against the baselines the gates compare with):", *summary_table(rows)]
+    lines = ["", "summary (PSNR in dB against the baselines the gates compare with; probe and video->text R@1 "
+             "against a random encoder):", *summary_table(rows)]
     ui = (f"mlflow ui --backend-store-uri {tracking}" if tracking.startswith("sqlite:") else tracking)
     lines += [f"pictures: {work / 'eval'}/<stage>/*.png", f"MLflow:   {ui}",
               f"logs:     {log_file or work / 'logs'}; workers: {ray_logs}", f"wall:     {wall:.0f} s"]

@@ -318,16 +318,22 @@ def _understanding(model, proj, tower_cfg, shards, eval_rows, cfg: EvalConfig) -
         res[pre + "probe_pixels"] = linear_probe_accuracy(_pixels(tr, cfg.max_tokens), ytr, _pixels(test, cfg.max_tokens), yte)
         res[pre + "classes"], res[pre + "count"] = len(classes), len(test)
     for mod in ("image", "video", "3d"):
-        rows = [r for r in eval_rows if r["modality"] == mod and r["caption"]][: cfg.max_items]
-        if len({r["caption"] for r in rows}) < 2:
+        # round-robin over datasets: the first 64 eval images were all digits (10 class captions)
+        rows = round_robin([r for r in eval_rows if r["modality"] == mod and r["caption"]], cfg.max_items, key="dataset")
+        caps = [r["caption"] for r in rows]
+        texts = sorted(set(caps))
+        if len(texts) < 2:
             continue
-        t = text_emb([r["caption"] for r in rows])
+        # each distinct caption once: a text matches every item it describes (clips of one video, digits
+        # of one class) and an item its one caption, so a copy of the same text is never a wrong answer
+        t = text_emb(texts)
         pre = f"und/{mod}_retrieval/"
         for who, m in (("", model), ("random_encoder_", random_model)):
             v = _semantic(m, rows, cfg.max_tokens)
-            for direction, (q, g) in (("t2v", (t, v)), ("v2t", (v, t))):
-                for k_, val in retrieval_recall(q, g, (1, 5)).items():
-                    res[f"{pre}{who}{direction}_{k_.lower().replace('@', '')}"] = val
-        res[pre + "chance_r1"] = 1.0 / len(rows)
-        res[pre + "count"] = len(rows)
+            for direction, (q, g, qk, gk) in (("t2v", (t, v, texts, caps)), ("v2t", (v, t, caps, texts))):
+                r = retrieval_recall(q, g, (1, 5), qk, gk)
+                res[f"{pre}{who}{direction}_r1"], res[f"{pre}{who}{direction}_r5"] = r["R@1"], r["R@5"]
+                if not who:
+                    res[f"{pre}{direction}_chance_r1"] = r["chance@1"]
+        res[pre + "count"], res[pre + "captions"] = len(rows), len(texts)
     return res

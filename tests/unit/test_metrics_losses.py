@@ -49,8 +49,21 @@ def test_understanding_metrics():
     assert zero_shot_accuracy(emb, emb, torch.arange(4)) == 1.0
     assert zero_shot_accuracy(emb, emb, torch.tensor([1, 0, 2, 3])) == 0.5
     r = retrieval_recall(emb + 0.01, emb, ks=(1, 2))
-    assert r == {"R@1": 1.0, "R@2": 1.0}
+    assert (r["R@1"], r["R@2"]) == (1.0, 1.0)
+    assert r["chance@1"] == pytest.approx(0.25) and r["chance@2"] == pytest.approx(0.5)
     assert retrieval_recall(emb, emb.flip(0), ks=(1,))["R@1"] == 0.0
+    # keyed: items 0, 1 share caption "a", 2, 3 caption "b"; a query scoring the other copy of its own
+    # caption first is a hit, scoring the other caption first a miss
+    items = torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0]])
+    texts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    keyed = retrieval_recall(items, texts, (1,), ["a", "a", "b", "b"], ["a", "b"])
+    assert keyed["R@1"] == 1.0 and keyed["chance@1"] == pytest.approx(0.5)
+    assert retrieval_recall(items, texts.flip(0), (1,), ["a", "a", "b", "b"], ["a", "b"])["R@1"] == 0.0
+    t2v = retrieval_recall(texts, items, (1, 2), ["a", "b"], ["a", "a", "b", "b"])
+    assert t2v["R@1"] == 1.0 and t2v["chance@1"] == pytest.approx(0.5)
+    assert t2v["chance@2"] == pytest.approx(1 - (2 / 4) * (1 / 3))
+    with pytest.raises(ValueError, match="matching"):
+        retrieval_recall(texts, items, (1,), ["a", "c"], ["a", "a", "b", "b"])
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 1, (50, 3)), rng.normal(4, 1, (50, 3))])
     y = np.array([0] * 50 + [1] * 50)
