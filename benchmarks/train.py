@@ -2,7 +2,7 @@
 PyTorch loop (2 threads) of the same model, losses and global batch, in the same run.
 
     python benchmarks/train.py [--steps 30] [--preset tiny|base] [--budget <TrainConfig's>] [--repeat 300]
-        [--zero-persistence -1]
+        [--zero-persistence -1] [--zero KEY=VALUE ...]
 
 Prints tokens/s of both (the distributed figure excludes the first report window: start-up and warm-up),
 their ratio (target >= 0.9) and the distributed run's data-wait fraction (target <= 2%).
@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=300, help="times each photo is listed (distinct ids)")
     ap.add_argument("--zero-persistence", type=int, default=-1,
                     help="scaling.zero_persistence_threshold (-1: auto, 0 on CPU)")
+    ap.add_argument("--zero", action="append", default=[], metavar="KEY=VALUE",
+                    help="scaling.zero_overrides entry (a DeepSpeed zero_optimization key; VALUE as JSON)")
     args = ap.parse_args()
     import ray
 
@@ -100,6 +102,7 @@ def main() -> None:
     cfg.run.checkpoint_every, cfg.run.report_every = args.steps, max(2, args.steps // 5)
     cfg.scaling.cpus_per_worker = 0.9
     cfg.scaling.zero_persistence_threshold = args.zero_persistence
+    cfg.scaling.zero_overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.zero)}
     run_stage(cfg)
     hist = [json.loads(x) for x in (d / "runs" / "bench" / "metrics.jsonl").read_text().splitlines()]
     steady = hist[1:] or hist
@@ -110,6 +113,7 @@ def main() -> None:
     base.append(plain_loop_tokens_per_s(str(d / "shards"), args.preset, args.budget, args.steps))
     base_tps = sum(base) / len(base)
     print(json.dumps({"preset": args.preset, "steps": args.steps, "budget_per_worker": args.budget,
+                      "zero_overrides": cfg.scaling.zero_overrides,
                       "ray_deepspeed_zero3_2_workers_tokens_per_s": round(dist_tps, 1),
                       "single_process_2_threads_tokens_per_s": round(base_tps, 1),
                       "baseline_before_after": [round(b, 1) for b in base],

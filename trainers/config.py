@@ -8,6 +8,7 @@ so the caller can name the key as the user wrote it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
 
 from atoken.losses import LossWeights
 from pipelines.config import check_custom_resources
@@ -27,6 +28,26 @@ class ConfigError(ValueError):
 
 def _bad(key: str, why: str) -> None:
     raise ConfigError(key, why)
+
+
+# zero_optimization keys that have their own place in this tree (one way to set each)
+_ZERO_OWNED = {"stage": "ZeRO stage 3 is the trainer's design", "stage3_param_persistence_threshold":
+               "set scaling.zero_persistence_threshold", "param_persistence_threshold": "set scaling.zero_persistence_threshold"}
+
+
+def _check_zero_overrides(overrides: dict) -> None:
+    """DeepSpeed's own pydantic model of `zero_optimization` (unknown keys forbidden) names the bad key."""
+    for k in overrides:
+        if k in _ZERO_OWNED:
+            _bad(f"scaling.zero_overrides.{k}", _ZERO_OWNED[k])
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(stage=3, **overrides)
+    except ValidationError as e:
+        err = e.errors()[0]
+        _bad("scaling.zero_overrides." + ".".join(str(x) for x in err["loc"]), err["msg"])
 
 
 @dataclass
@@ -135,6 +156,10 @@ class ScalingSection:
     # gathering everything per module (docs/benchmarks.md); DeepSpeed's default 1e5 on GPU.
     zero_persistence_threshold: int = -1
     threads_per_worker: int = 0  # torch / OpenMP threads in a training worker; 0: its CPUs (at least 1)
+    # more keys of DeepSpeed's `zero_optimization` section, in DeepSpeed's names (e.g.
+    # stage3_prefetch_bucket_size, stage3_module_granularity_threshold), set over the ones above; checked
+    # against DeepSpeed's own config model at start-up
+    zero_overrides: dict[str, Any] = field(default_factory=dict)
     fused_adam: bool = True  # GPU: DeepSpeed's FusedAdam (built into the image); false: torch's AdamW
     # Custom Ray resources each training worker also asks for, e.g. {train_node: 0.001} to pin workers
     # to the GPU node type that advertises it (infra/ray/cluster-aws.yaml).
@@ -220,6 +245,8 @@ class TrainConfig:
             _bad("scaling.precision", f"{s.precision!r}: choose auto, fp32 or bf16")
         if s.threads_per_worker < 0:
             _bad("scaling.threads_per_worker", "must be >= 0 (0: the worker's CPUs)")
+        if s.zero_overrides:
+            _check_zero_overrides(dict(s.zero_overrides))
         o = self.optim
         if not 0 <= o.ema_decay < 1:
             _bad("optim.ema_decay", f"{o.ema_decay}: must be in [0, 1)")

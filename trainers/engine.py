@@ -29,7 +29,7 @@ def deepspeed_config(cfg: TrainConfig, gpu: bool) -> dict:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False,
-                              "stage3_param_persistence_threshold": persist},
+                              "stage3_param_persistence_threshold": persist, **cfg.scaling.zero_overrides},
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
         "optimizer": {"type": "AdamW", "params": {

@@ -145,6 +145,26 @@ def test_zero3_persistence_threshold_auto_by_device_and_explicit():
     assert zero(False)["stage3_param_persistence_threshold"] == zero(True)["stage3_param_persistence_threshold"] == 5000
 
 
+def test_zero_overrides_reach_deepspeed_and_bad_keys_are_named():
+    """Extra zero_optimization keys go through the config tree; DeepSpeed's own model rejects unknown ones
+    at start-up, and keys the tree owns elsewhere point there."""
+    from orchestration.hydra_config import load
+    from trainers.engine import deepspeed_config
+
+    cfg = load("run", ["+train.scaling.zero_overrides.stage3_prefetch_bucket_size=1000"])
+    s1 = cfg.stage_train_config(0)
+    assert deepspeed_config(s1, False)["zero_optimization"]["stage3_prefetch_bucket_size"] == 1000
+    cfg.validate()
+    s1.data.shards = "x"
+    for overrides, match in (({"stage3_prefetch_bucket_sise": 1}, r"zero_overrides\.stage3_prefetch_bucket_sise: Extra"),
+                             ({"stage3_max_live_parameters": "many"}, r"zero_overrides\.stage3_max_live_parameters"),
+                             ({"stage": 2}, "stage 3 is the trainer's design"),
+                             ({"stage3_param_persistence_threshold": 0}, "scaling.zero_persistence_threshold")):
+        s1.scaling.zero_overrides = overrides
+        with pytest.raises(ValueError, match=match):
+            s1.validate()
+
+
 def test_one_config_tree_stages_override_train_and_errors_name_the_key():
     from orchestration.hydra_config import load
 
