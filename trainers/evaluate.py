@@ -331,9 +331,9 @@ def _understanding(model, proj, tower_cfg, shards, eval_rows, cfg: EvalConfig) -
         for who, m in (("", model), ("random_encoder_", random_model)):
             v = _semantic(m, rows, cfg.max_tokens)
             for direction, (q, g, qk, gk) in (("t2v", (t, v, texts, caps)), ("v2t", (v, t, caps, texts))):
-                r = retrieval_recall(q, g, (1, 5), qk, gk)
-                res[f"{pre}{who}{direction}_r1"], res[f"{pre}{who}{direction}_r5"] = r["R@1"], r["R@5"]
+                recall = retrieval_recall(q, g, (1, 5), qk, gk)
+                res[f"{pre}{who}{direction}_r1"], res[f"{pre}{who}{direction}_r5"] = recall["R@1"], recall["R@5"]
                 if not who:
-                    res[f"{pre}{direction}_chance_r1"] = r["chance@1"]
+                    res[f"{pre}{direction}_chance_r1"] = recall["chance@1"]
         res[pre + "count"], res[pre + "captions"] = len(rows), len(texts)
     return res
