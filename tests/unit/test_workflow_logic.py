@@ -348,3 +348,24 @@ def test_ema_decay_warms_up_to_its_target():
     ema = ShardedEMA(torch.nn.Linear(2, 2), 0.999)
     d = [ema.decay_at(n) for n in (1, 10, 100, 10_000)]
     assert d[0] < 0.2 and d == sorted(d) and d[-1] == 0.999  # early updates track closely, later ones average
+
+
+def test_console_summary_and_registry_text_show_understanding_beside_its_baselines():
+    """The eval line, the summary row and the MLflow description each carry the retrieval figures with
+    what they are compared with; the description names each metric in full (it used to print the dataset
+    alone, e.g. 'video_retrieval 0.625' for every retrieval figure)."""
+    from orchestration.tracking import describe_version
+    from orchestration.workflow import eval_line, summary_table
+
+    m = {"und/mnist/linear_probe_acc": 0.91, "und/mnist/probe_random_encoder": 0.77, "und/mnist/probe_pixels": 0.86,
+         "und/mnist/zero_shot_acc": 0.89, "und/video_retrieval/v2t_r1": 0.625,
+         "und/video_retrieval/random_encoder_v2t_r1": 0.125, "und/video_retrieval/v2t_chance_r1": 0.5,
+         "und/video_retrieval/t2v_r1": 1.0}
+    line = eval_line(m)
+    assert "mnist probe 0.91 (random encoder 0.77, pixels 0.86), 0-shot 0.89" in line
+    assert "video->text R@1 0.62 (random encoder 0.12, chance 0.50)" in line and "image->text" not in line
+    head, row = summary_table([{"stage": 2, "version": 7, "metrics": m, "gates": "pass", "aliases": ["stage2"]}])
+    assert "video->text" in head and "0.91/0.77" in row and "0.62/0.12" in row
+    text = describe_version(2, m)
+    assert "video_retrieval/v2t_r1 0.625" in text and "video_retrieval/t2v_r1 1.000" in text
+    assert "mnist/linear_probe_acc 0.910" in text
