@@ -2,7 +2,7 @@
 PyTorch loop (2 threads) of the same model, losses and global batch, in the same run.
 
     python benchmarks/train.py [--steps 30] [--preset tiny|base] [--budget <TrainConfig's>] [--repeat 300]
-        [--zero-persistence -1] [--zero KEY=VALUE ...]
+        [--zero-persistence -1] [--zero KEY=VALUE ...] [--no-idle-pause]
 
 Prints tokens/s of both (the distributed figure excludes the first report window: start-up and warm-up),
 their ratio (target >= 0.9) and the distributed run's data-wait fraction (target <= 2%).
@@ -73,10 +73,13 @@ def main() -> None:
                     help="scaling.zero_persistence_threshold (-1: auto, 0 on CPU)")
     ap.add_argument("--zero", action="append", default=[], metavar="KEY=VALUE",
                     help="scaling.zero_overrides entry (a DeepSpeed zero_optimization key; VALUE as JSON)")
+    ap.add_argument("--no-idle-pause", action="store_true",
+                    help="data.idle_stream_pause off: Ray Data's scheduling loop spins while its reads are done")
     args = ap.parse_args()
     import ray
 
     from orchestration.hydra_config import load
+    from orchestration.ray_env import ensure_ray
     from pipelines.ingest import run_ingest
     from preprocess.sample_corpus import CorpusConfig, build_corpus
     from trainers.stage import run_stage
@@ -87,7 +90,7 @@ def main() -> None:
     images = [it for it in items if it["modality"] == "image" and not it["id"].startswith("digit")]
     repeated = manifest.with_name("manifest-repeated.jsonl")
     repeated.write_text("\n".join(json.dumps({**it, "id": f"{it['id']}-r{k}"}) for it in images for k in range(args.repeat)))
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ensure_ray(num_cpus=2)  # the main job's local cluster: its idle workers are kept, not restarted per read
     run_ingest(load("ingest", [f"input={repeated}", f"output={d / 'shards'}", *OVERRIDES]))
     # the baseline runs before and after the distributed run; their mean evens out drift on a shared machine
     base = [plain_loop_tokens_per_s(str(d / "shards"), args.preset, args.budget, args.steps)]
@@ -101,6 +104,7 @@ def main() -> None:
     cfg.run.storage, cfg.run.name = str(d / "runs"), "bench"
     cfg.run.checkpoint_every, cfg.run.report_every = args.steps, max(2, args.steps // 5)
     cfg.scaling.cpus_per_worker = 0.9
+    cfg.data.idle_stream_pause = not args.no_idle_pause
     cfg.scaling.zero_persistence_threshold = args.zero_persistence
     cfg.scaling.zero_overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.zero)}
     run_stage(cfg)
@@ -114,6 +118,7 @@ def main() -> None:
     base_tps = sum(base) / len(base)
     print(json.dumps({"preset": args.preset, "steps": args.steps, "budget_per_worker": args.budget,
                       "zero_overrides": cfg.scaling.zero_overrides,
+                      "idle_stream_pause": cfg.data.idle_stream_pause,
                       "ray_deepspeed_zero3_2_workers_tokens_per_s": round(dist_tps, 1),
                       "single_process_2_threads_tokens_per_s": round(base_tps, 1),
                       "baseline_before_after": [round(b, 1) for b in base],

@@ -101,6 +101,9 @@ class DataSection:
     min_und_samples: int = 4  # an understanding batch holds at least this many samples (its negatives)
     read_cpus: float = 0.0  # per shard-read task: Arrow reads are I/O; samples decode in the train worker
     read_concurrency: int = 0  # shard-read tasks in flight per task stream; 0: one per training worker
+    # pause Ray Data's scheduling loop while a stream has no read in flight (pipelines/idle_backoff.py);
+    # without it the loop spins through backpressure and took a third of the ranks' CPU on a 2-core node
+    idle_stream_pause: bool = True
     pool_size: int = 8  # look-ahead samples per task, refilled in the background while a step runs
     render_views: int = 2  # 3D: views rendered per sample for the Gaussian render loss
     render_resolution: int = 64

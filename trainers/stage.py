@@ -146,6 +146,7 @@ def run_stage(cfg: TrainConfig, callbacks: list | None = None, on_report=None) -
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipelines.idle_backoff import IdleLoopBackoff
     from pipelines.reader import read_shards
 
     cfg.validate()
@@ -165,6 +166,11 @@ def run_stage(cfg: TrainConfig, callbacks: list | None = None, on_report=None) -
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    hooks = ctx.custom_execution_callback_classes
+    if IdleLoopBackoff in hooks:
+        hooks.remove(IdleLoopBackoff)
+    if cfg.data.idle_stream_pause:
+        hooks.append(IdleLoopBackoff)
     plan = stream_plan(cfg)
     datasets = {}
     for t, shares in plan.items():

@@ -369,3 +369,31 @@ def test_console_summary_and_registry_text_show_understanding_beside_its_baselin
     text = describe_version(2, m)
     assert "video_retrieval/v2t_r1 0.625" in text and "video_retrieval/t2v_r1 1.000" in text
     assert "mnist/linear_probe_acc 0.910" in text
+
+
+def test_idle_stream_pause_backs_off_only_while_the_scheduling_loop_does_not_block(monkeypatch):
+    """Fast loop steps (no task in flight) sleep, doubling up to the cap; a step that blocked resets."""
+    import pipelines.idle_backoff as ib
+
+    clock = {"t": 0.0}
+    slept = []
+    monkeypatch.setattr(ib.time, "perf_counter", lambda: clock["t"])
+
+    def sleep(s):
+        slept.append(s)
+        clock["t"] += s
+    monkeypatch.setattr(ib.time, "sleep", sleep)
+    cb = ib.IdleLoopBackoff()
+
+    def step(duration):
+        clock["t"] += duration
+        n = len(slept)
+        cb.on_execution_step(None)
+        return slept[n] if len(slept) > n else 0.0
+
+    assert step(0.0005) == 0.0  # the first step has nothing to compare with
+    pauses = [step(0.0005) for _ in range(9)]
+    assert pauses[:3] == [ib.FIRST_PAUSE_S, 2 * ib.FIRST_PAUSE_S, 4 * ib.FIRST_PAUSE_S]
+    assert max(pauses) == ib.MAX_PAUSE_S and pauses[-1] == ib.MAX_PAUSE_S
+    assert step(0.1) == 0.0  # blocked in ray.wait for a running task: no pause, and the next fast step
+    assert step(0.0005) == ib.FIRST_PAUSE_S  # starts the ramp again
