@@ -397,3 +397,21 @@ def test_idle_stream_pause_backs_off_only_while_the_scheduling_loop_does_not_blo
     assert max(pauses) == ib.MAX_PAUSE_S and pauses[-1] == ib.MAX_PAUSE_S
     assert step(0.1) == 0.0  # blocked in ray.wait for a running task: no pause, and the next fast step
     assert step(0.0005) == ib.FIRST_PAUSE_S  # starts the ramp again
+
+
+def test_a_streams_pass_covers_its_stage_even_when_augmentation_shrinks_every_sample(monkeypatch):
+    """12 photos of 4x4 patches (16 tokens full size) average 12.25 tokens after the augmentation's crop:
+    the listed pass must still hold every row the stage's image_rec steps take, on both workers."""
+    import pipelines.reader as reader
+    from trainers.stage import passes_per_stage
+
+    monkeypatch.setattr(reader, "dataset_counts", lambda *a, **k: {"photos": 12})
+    monkeypatch.setattr(reader, "token_count", lambda *a, **k: 12 * 16)
+    cfg = TrainConfig(steps=500)
+    cfg.data.ratios = {"image_rec": 1.0, "image_und": 2.0}
+    cfg.data.token_budget = 256
+    repeat = passes_per_stage(cfg, "image_rec", {"image_rec@photos": 1.0})["image_rec@photos"]
+    rec_steps = 500 / 3
+    taken = rec_steps * cfg.scaling.num_workers * 256 / 12.25  # rows the augmented stream consumes
+    assert repeat * 12 >= taken
+    assert repeat <= 1000
