@@ -24,14 +24,15 @@ MAX_PAUSE_S = 0.05
 
 
 class IdleLoopBackoff(ExecutionCallback):
-    def __init__(self) -> None:
+    def __init__(self, clock=time.perf_counter, sleep=time.sleep) -> None:  # Ray Data passes no arguments
+        self._clock, self._sleep = clock, sleep
         self._last = None
         self._pause = 0.0
 
     def on_execution_step(self, executor) -> None:
-        now = time.perf_counter()
+        now = self._clock()
         fast = self._last is not None and now - self._last < FAST_STEP_S
         self._pause = min(max(2 * self._pause, FIRST_PAUSE_S), MAX_PAUSE_S) if fast else 0.0
         if self._pause:
-            time.sleep(self._pause)
-        self._last = time.perf_counter()
+            self._sleep(self._pause)
+        self._last = self._clock()

@@ -371,19 +371,17 @@ def test_console_summary_and_registry_text_show_understanding_beside_its_baselin
     assert "mnist/linear_probe_acc 0.910" in text
 
 
-def test_idle_stream_pause_backs_off_only_while_the_scheduling_loop_does_not_block(monkeypatch):
+def test_idle_stream_pause_backs_off_only_while_the_scheduling_loop_does_not_block():
     """Fast loop steps (no task in flight) sleep, doubling up to the cap; a step that blocked resets."""
     import pipelines.idle_backoff as ib
 
     clock = {"t": 0.0}
     slept = []
-    monkeypatch.setattr(ib.time, "perf_counter", lambda: clock["t"])
 
     def sleep(s):
         slept.append(s)
         clock["t"] += s
-    monkeypatch.setattr(ib.time, "sleep", sleep)
-    cb = ib.IdleLoopBackoff()
+    cb = ib.IdleLoopBackoff(clock=lambda: clock["t"], sleep=sleep)
 
     def step(duration):
         clock["t"] += duration
