@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
+import torch
+
 from atoken.losses import LossWeights
 from pipelines.config import check_custom_resources
 
@@ -163,6 +165,9 @@ class ScalingSection:
     # stage3_prefetch_bucket_size, stage3_module_granularity_threshold), set over the ones above; checked
     # against DeepSpeed's own config model at start-up
     zero_overrides: dict[str, Any] = field(default_factory=dict)
+    # module classes of the model (atoken.layers / atoken.transformer, e.g. TransformerBlock) that ZeRO-3
+    # gathers whole, with no hooks on their children (deepspeed.utils.set_z3_leaf_modules)
+    zero_leaf_modules: list[str] = field(default_factory=list)
     fused_adam: bool = True  # GPU: DeepSpeed's FusedAdam (built into the image); false: torch's AdamW
     # Custom Ray resources each training worker also asks for, e.g. {train_node: 0.001} to pin workers
     # to the GPU node type that advertises it (infra/ray/cluster-aws.yaml).
@@ -177,6 +182,17 @@ class ScalingSection:
 
     def threads(self) -> int:
         return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+
+    def leaf_classes(self) -> list[type]:
+        """The module classes `zero_leaf_modules` names, from atoken.layers or atoken.transformer."""
+        import atoken.layers
+        import atoken.transformer
+
+        found = {n: getattr(atoken.layers, n, None) or getattr(atoken.transformer, n, None) for n in self.zero_leaf_modules}
+        bad = [n for n, c in found.items() if not (isinstance(c, type) and issubclass(c, torch.nn.Module))]
+        if bad:
+            _bad("scaling.zero_leaf_modules", f"{', '.join(bad)}: no module class of atoken.layers or atoken.transformer")
+        return list(found.values())
 
 
 @dataclass
@@ -250,6 +266,7 @@ class TrainConfig:
             _bad("scaling.threads_per_worker", "must be >= 0 (0: the worker's CPUs)")
         if s.zero_overrides:
             _check_zero_overrides(dict(s.zero_overrides))
+        s.leaf_classes()
         o = self.optim
         if not 0 <= o.ema_decay < 1:
             _bad("optim.ema_decay", f"{o.ema_decay}: must be in [0, 1)")

@@ -71,12 +71,23 @@ def skip_cpu_shm_op() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
+def mark_leaf_modules(module: torch.nn.Module, cfg: TrainConfig) -> list[torch.nn.Module]:
+    """Marks the modules of `scaling.zero_leaf_modules`' classes: ZeRO-3 then gathers each one whole,
+    in one fetch, and puts no hooks on its children."""
+    if not cfg.scaling.zero_leaf_modules:
+        return []
+    from deepspeed.utils import set_z3_leaf_modules
+
+    return set_z3_leaf_modules(module, cfg.scaling.leaf_classes())
+
+
 def build_engine(module: torch.nn.Module, cfg: TrainConfig, gpu: bool):
     """deepspeed.initialize on the process group Ray Train set up."""
     import deepspeed
 
     if not gpu:
         skip_cpu_shm_op()
+    mark_leaf_modules(module, cfg)
     schedule = lr_lambda(cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=param_groups(module, cfg), config=deepspeed_config(cfg, gpu),

@@ -165,6 +165,28 @@ def test_zero_overrides_reach_deepspeed_and_bad_keys_are_named():
             s1.validate()
 
 
+def test_zero_leaf_modules_mark_the_named_blocks_and_bad_names_are_named():
+    """`scaling.zero_leaf_modules` (a Hydra override) marks every module of the named class for ZeRO-3,
+    and none of their children; a name that is no model class fails validation naming the key."""
+    from atoken.layers import TransformerBlock
+    from orchestration.hydra_config import load
+    from trainers.engine import mark_leaf_modules
+    from trainers.module import TrainModule
+
+    cfg = load("run", ["train.scaling.zero_leaf_modules=[TransformerBlock]"])
+    s1 = cfg.stage_train_config(0)
+    mod = TrainModule(AToken(preset("tiny")), 384, None, s1)
+    marked = mark_leaf_modules(mod, s1)
+    blocks = [m for m in mod.modules() if isinstance(m, TransformerBlock)]
+    assert blocks and {id(m) for m in marked} == {id(m) for m in blocks}
+    assert all(getattr(c, "_z3_leaf", False) is False for b in blocks for c in b.modules() if c is not b)
+    assert mark_leaf_modules(TrainModule(AToken(preset("tiny")), 384, None, s1), TrainConfig()) == []  # the default marks nothing
+    s1.data.shards = "x"
+    s1.scaling.zero_leaf_modules = ["TransformerBlock", "TransfomerBlock"]
+    with pytest.raises(ValueError, match=r"scaling\.zero_leaf_modules: TransfomerBlock: no module class"):
+        s1.validate()
+
+
 def test_one_config_tree_stages_override_train_and_errors_name_the_key():
     from orchestration.hydra_config import load
 
