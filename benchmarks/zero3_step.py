@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import socket
 import time
 
@@ -31,7 +32,6 @@ WARMUP = 3
 def _config(preset_name: str) -> TrainConfig:
     cfg = TrainConfig()
     cfg.model.preset = preset_name
-    cfg.init.fresh = "default"
     cfg.losses.feature_network = "none"  # as benchmarks/train.py: the model + optimizer step
     return cfg
 
@@ -141,11 +141,19 @@ def zero3(world: int, budget: int, steps: int, leaf: list[str], zero: dict) -> d
     procs = [ctx.Process(target=_zero3_rank, args=(r, world, port, budget, steps, leaf, zero, q)) for r in range(world)]
     for p in procs:
         p.start()
-    results = dict(q.get() for _ in procs)
+    results: dict = {}
+    while len(results) < world:  # a rank that dies leaves its peer blocked in a collective: stop both
+        try:
+            rank, figures = q.get(timeout=2)
+            results[rank] = figures
+        except queue.Empty:
+            failed = [p.exitcode for p in procs if p.exitcode]
+            if failed:
+                for p in procs:
+                    p.terminate()
+                raise RuntimeError(f"a ZeRO-3 rank exited with code {failed[0]} (its traceback is above)")
     for p in procs:
         p.join()
-        if p.exitcode:
-            raise RuntimeError(f"a ZeRO-3 rank exited with code {p.exitcode}")
     return results[0]
 
 
