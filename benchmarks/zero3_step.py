@@ -126,6 +126,7 @@ def _zero3_rank(rank: int, world: int, port: int, budget: int, steps: int, leaf:
         t.append(time.perf_counter())
         return {"forward": t[1] - t[0], "backward": t[2] - t[1], "optimizer": t[3] - t[2]}
     out.put((rank, _timed(steps, step)))
+    dist.barrier()  # neither rank tears down gloo while its peer is still in it (one rank aborted so)
     dist.destroy_process_group()
 
 

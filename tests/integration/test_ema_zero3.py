@@ -58,6 +58,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             json.dump([{"numel": e.numel(), "ema_err": (g - e).abs().max().item(),
                         "ema_vs_live": (e - l).abs().max().item(), "restored_err": (a - l).abs().max().item()}
                        for g, e, l, a in zip(exported, expect, live, after)], f)
+    dist.barrier()  # neither rank tears down gloo while its peer is still in it (one rank aborted so)
     dist.destroy_process_group()
 
 
