@@ -8,7 +8,9 @@ Prints tokens/s of both (the distributed figure excludes the first report window
 their ratio (target >= 0.9) and the distributed run's data-wait fraction (target <= 2%). The baseline
 converts its shard rows inside its timed loop, as each training worker does (pixel decode, the same
 augmentation and crop, patchify); the figure against batches built before the clock starts (the model and
-optimizer alone, unaugmented samples) is printed beside it.
+optimizer alone, unaugmented samples) is printed beside it, and so is where the two cores' time went over
+the distributed run's steady windows (`benchmarks/cpu_share.py`: ranks, shard reads, Ray's processes,
+idle, and the host's steal, which marks a run the shared host slowed).
 
 The sample corpus's 15 photos (48-64 tokens at 128 px) are listed `--repeat` times under distinct ids:
 listed once, an epoch ended every two steps and Ray Data's per-epoch restart of the streaming split took
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from cpu_share import CpuSampler  # a sibling: scripts here run as `python benchmarks/<name>.py`
 from trainers.config import TrainConfig
 
 OVERRIDES = ["image.max_side=128", "video.max_side=64", "threed.views=4", "threed.resolution=64", "threed.grid=8"]
@@ -135,8 +138,10 @@ def main() -> None:
     cfg.data.idle_stream_pause = not args.no_idle_pause
     cfg.scaling.zero_persistence_threshold = args.zero_persistence
     cfg.scaling.zero_overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.zero)}
-    run_stage(cfg)
-    hist = [json.loads(x) for x in (d / "runs" / "bench" / "metrics.jsonl").read_text().splitlines()]
+    history = d / "runs" / "bench" / "metrics.jsonl"
+    with CpuSampler(lambda: len(history.read_bytes().splitlines()) if history.exists() else 0) as cpu:
+        run_stage(cfg)
+    hist = [json.loads(x) for x in history.read_text().splitlines()]
     steady = hist[1:] or hist
     dist_tps = sum(h["tokens_per_s"] for h in steady) / len(steady)
     wait = sum(h["data_wait_fraction"] for h in steady) / len(steady)
@@ -154,7 +159,8 @@ def main() -> None:
                       "ratio": round(dist_tps / base_tps, 3), "data_wait_fraction": round(wait, 4),
                       "single_process_prebuilt_batches_tokens_per_s": round(prebuilt_tps, 1),
                       "ratio_vs_prebuilt_batches": round(dist_tps / prebuilt_tps, 3),
-                      "step_seconds_per_rank": phases}, indent=1))
+                      "step_seconds_per_rank": phases,
+                      "cpu_share_of_steady_windows": cpu.window()}, indent=1))
 
 
 if __name__ == "__main__":
