@@ -3,7 +3,9 @@ the cores' idle time and the time the host's hypervisor took (steal).
 
 On the shared 2-core development host `benchmarks/train.py`'s ratio moves by a third between runs. The
 split says whether a slow run lost its time to this node's own processes (Ray's, the stream's) or to the
-host, and how much the lockstep ranks left idle. Off Linux it reports nothing.
+host, and how much the lockstep ranks left idle. A process that ends inside the window drops out of it
+(its time goes uncounted: the idle and steal figures come from the cores, not the processes). Off Linux
+it reports nothing.
 """
 from __future__ import annotations
 
