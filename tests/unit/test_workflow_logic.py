@@ -166,8 +166,8 @@ def test_zero_overrides_reach_deepspeed_and_bad_keys_are_named():
 
 
 def test_zero_leaf_modules_mark_the_named_blocks_and_bad_names_are_named():
-    """`scaling.zero_leaf_modules` (a Hydra override) marks every module of the named class for ZeRO-3,
-    and none of their children; a name that is no model class fails validation naming the key."""
+    """`scaling.zero_leaf_modules` (a Hydra override) marks exactly the modules of the named class for
+    ZeRO-3; a name that is no model class fails validation naming the key."""
     from atoken.layers import TransformerBlock
     from orchestration.hydra_config import load
     from trainers.engine import mark_leaf_modules
@@ -179,7 +179,7 @@ def test_zero_leaf_modules_mark_the_named_blocks_and_bad_names_are_named():
     marked = mark_leaf_modules(mod, s1)
     blocks = [m for m in mod.modules() if isinstance(m, TransformerBlock)]
     assert blocks and {id(m) for m in marked} == {id(m) for m in blocks}
-    assert all(getattr(c, "_z3_leaf", False) is False for b in blocks for c in b.modules() if c is not b)
+    assert {id(m) for m in mod.modules() if getattr(m, "_z3_leaf", False)} == {id(m) for m in blocks}
     assert mark_leaf_modules(TrainModule(AToken(preset("tiny")), 384, None, s1), TrainConfig()) == []  # the default marks nothing
     s1.data.shards = "x"
     s1.scaling.zero_leaf_modules = ["TransformerBlock", "TransfomerBlock"]
