@@ -81,14 +81,13 @@ class CpuSampler:
     def window(self) -> dict:
         """Core-seconds by group over the window and their shares of what the cores offered; {} when the
         run made fewer than two reports while sampled."""
-        if not self.samples:
+        reports = [n for n, _ in self.samples]
+        if not reports or reports[-1] < 2:
             return {}
-        last = self.samples[-1][0]
-        inside = [s for n, s in self.samples if 1 <= n]
-        end = next((i for i, (n, _) in enumerate(self.samples) if n == last), None)
-        if last < 2 or len(inside) < 2 or end is None:
+        first, last = next(i for i, n in enumerate(reports) if n >= 1), reports.index(reports[-1])
+        if first == last:
             return {}
-        (t0, c0, p0), (t1, c1, p1) = inside[0], self.samples[end][1]
+        (t0, c0, p0), (t1, c1, p1) = self.samples[first][1], self.samples[last][1]
         tick = os.sysconf("SC_CLK_TCK")
         used: dict[str, float] = {}
         for pid, (jiffies, group) in p1.items():
