@@ -4,15 +4,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# A local cluster keeps idle workers for 5 minutes instead of 1 second: a training stage's shard reads are
-# small zero-CPU tasks spread over the stage, and with the default each one started a fresh worker
-# process (~1.5 s of CPU importing Ray and pyarrow) on the cores the training workers need (measured:
-# two such processes at ~40% of a core each during stage 1). On a cluster, set the same in the head's
-# system config (infra/ray/cluster-aws.yaml, infra/k8s/raycluster.yaml).
+# A local cluster keeps an idle worker for 20 s instead of 1 s: a training stage's shard reads are small
+# zero-CPU tasks spread over the stage, and with the default each one started a fresh worker process
+# (~1.5 s of CPU importing Ray and pyarrow) on the cores the training workers need (measured: two such
+# processes at ~40% of a core each during stage 1). Longer is not better: every Ray worker process wakes
+# 100 times a second to check for signals (~0.85% of a core each, idle or not), and a stage's reads
+# cannot reuse the workers the ingest or an earlier stage left behind, so those only cost. Kept for 5
+# minutes (the previous setting, with a soft limit of 16 workers), five of the ingest's workers were still
+# alive in the benchmark's training window: reads and idle workers 4.6-4.8% of the two cores, against
+# 2.3-2.6% with this setting, in alternating runs (docs/benchmarks.md, "Where the cores go").
+# A cluster keeps Ray's defaults: a node kills idle workers only while it has more workers than CPUs.
 # The stage's streams also start a handful of small worker processes at once (split coordinators, reads):
 # more than the default start-up concurrency (the CPU count), which the raylet reports as a warning.
-LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 300_000, "num_workers_soft_limit": 16,
-                       "worker_maximum_startup_concurrency": 8}
+LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 20_000, "worker_maximum_startup_concurrency": 8}
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
