@@ -8,11 +8,9 @@ from pathlib import Path
 # zero-CPU tasks spread over the stage, and with the default each one started a fresh worker process
 # (~1.5 s of CPU importing Ray and pyarrow) on the cores the training workers need (measured: two such
 # processes at ~40% of a core each during stage 1). Longer is not better: every Ray worker process wakes
-# 100 times a second to check for signals (~0.85% of a core each, idle or not), and a stage's reads
-# cannot reuse the workers the ingest or an earlier stage left behind, so those only cost. Kept for 5
-# minutes (the previous setting, with a soft limit of 16 workers), five of the ingest's workers were still
-# alive in the benchmark's training window: reads and idle workers 4.6-4.8% of the two cores, against
-# 2.3-2.6% with this setting, in alternating runs (docs/benchmarks.md, "Where the cores go").
+# 100 times a second to check for signals (~0.85% of a core each, idle or not), and a stage's reads did
+# not reuse the workers the ingest left behind, so kept 5 minutes those only took the ranks' cores
+# (docs/benchmarks.md, "Where the cores go").
 # A cluster keeps Ray's defaults: a node kills idle workers only while it has more workers than CPUs.
 # The stage's streams also start a handful of small worker processes at once (split coordinators, reads):
 # more than the default start-up concurrency (the CPU count), which the raylet reports as a warning.
