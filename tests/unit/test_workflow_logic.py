@@ -1,6 +1,8 @@
 """Pure logic of training and the workflow: schedules, gates, configs, lockstep pools."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -265,6 +267,20 @@ def test_task_pool_takes_exactly_k_and_refills_the_same_amount():
     assert len(batch) == 2 and sum(s.tokens for s in batch) <= 128
     pool.wait()
     assert len(pool.samples) == 6 and pool.stream.consumed == 8  # refilled exactly what was taken
+
+
+def test_task_pool_tops_up_the_agreed_count_towards_the_budget():
+    """The ranks agree on the fewest samples any fullest bin holds (2, here a rank of 64-token photos);
+    a rank whose fullest bin held three smaller samples takes its best two within the budget, not the
+    first two of that bin (84 of 128 tokens: the other rank waited for the fuller one at every step)."""
+    full, other = TaskPool(_Stream([64]), 6), TaskPool(_Stream([70, 50, 40, 40, 44]), 5)
+    full.wait(), other.wait()
+    k = min(len(full.best_bin(128)), len(other.best_bin(128)))
+    assert k == 2 and len(other.best_bin(128)) == 3
+    sizes = [s.tokens for s in other.samples]
+    best_pair = max(a + b for a, b in itertools.combinations(sizes, 2) if a + b <= 128)
+    batch = other.take(k, 128)
+    assert len(batch) == k and sum(s.tokens for s in batch) == best_pair
 
 
 def test_task_pool_grows_until_it_can_fill_the_budget():
