@@ -60,6 +60,13 @@ def param_groups(module: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
              "name": f"{part}-{'wd' if decay else 'nowd'}"} for (part, decay), ps in sorted(groups.items())]
 
 
+def process_group_backend(gpu: bool) -> str:
+    """gloo on CPU; on GPUs NCCL for CUDA tensors beside gloo for CPU ones. The per-step lockstep batch
+    agreement and the report windows' reductions are small CPU tensors, and a process group made for
+    "nccl" alone has no backend for them (PyTorch: "No backend type associated with device type cpu")."""
+    return "cpu:gloo,cuda:nccl" if gpu else "gloo"
+
+
 def skip_cpu_shm_op() -> None:
     """DeepSpeed's communication backend JIT-builds its shared-memory all-reduce op on a CPU accelerator
     whenever it starts. That op serves only `inference_all_reduce`, which training never calls; its build

@@ -19,6 +19,7 @@ from preprocess import storage
 from trainers.checkpoint import latest_checkpoint, run_dir
 from trainers.config import TASK_MODALITY, TrainConfig
 from trainers.data import task_schedule
+from trainers.engine import process_group_backend
 from trainers.export import export_dir
 from trainers.loop import train_loop_per_worker
 from trainers.start import prepare_start
@@ -187,7 +188,7 @@ def run_stage(cfg: TrainConfig, callbacks: list | None = None, on_report=None) -
         train_loop_per_worker,
         train_loop_config={"train": dataclasses.asdict(cfg), "resume_from": ckpt_uri, "streams": plan,
                            "fit_started": time.time()},
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(cfg.scaling.use_gpu)),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=cfg.scaling.worker_resources()),
         run_config=ray.train.RunConfig(
