@@ -145,6 +145,7 @@ def main() -> None:
     steady = hist[1:] or hist
     dist_tps = sum(h["tokens_per_s"] for h in steady) / len(steady)
     wait = sum(h["data_wait_fraction"] for h in steady) / len(steady)
+    balance = {k: round(sum(h[k] for h in steady) / len(steady), 3) for k in ("token_balance", "budget_fill")}
     phases = {k[5:-2]: round(sum(h[k] for h in steady) / len(steady), 3) for k in steady[0] if k.startswith("time/")}
     ray.shutdown()
     base.append(plain_loop_tokens_per_s(str(d / "shards"), args.preset, args.budget, args.steps))
@@ -156,7 +157,7 @@ def main() -> None:
                       "ray_deepspeed_zero3_2_workers_tokens_per_s": round(dist_tps, 1),
                       "single_process_2_threads_tokens_per_s": round(base_tps, 1),
                       "baseline_before_after": [round(b, 1) for b in base],
-                      "ratio": round(dist_tps / base_tps, 3), "data_wait_fraction": round(wait, 4),
+                      "ratio": round(dist_tps / base_tps, 3), "data_wait_fraction": round(wait, 4), **balance,
                       "single_process_prebuilt_batches_tokens_per_s": round(prebuilt_tps, 1),
                       "ratio_vs_prebuilt_batches": round(dist_tps / prebuilt_tps, 3),
                       "step_seconds_per_rank": phases,

@@ -77,8 +77,9 @@ def test_killed_worker_resumes_from_checkpoint_and_rerun_is_a_noop(train_shards,
     assert steps == sorted(set(steps)) and steps[-1] == 8  # the counter continued, no step reported twice
     assert set(_worker_pids()).isdisjoint(pids)  # the worker group was replaced
     for k in ("tokens_per_s", "samples_per_s", "data_wait_fraction", "peak_memory_mb", "lr", "loss/image_rec/l1",
-              "loss/image_und/sem", "loss/image_rec/perceptual"):
+              "loss/image_und/sem", "loss/image_rec/perceptual", "token_balance", "budget_fill"):
         assert k in history[-1], k
+    assert all(0 < h["token_balance"] <= 1 and 0 < h["budget_fill"] <= 1 for h in history)
     assert "loss/image_rec/perceptual" not in history[0]  # scheduled from step 4: no feature forward before
     phases = {k: history[-1][f"time/{k}_s"] for k in ("data", "select", "forward", "backward", "optimizer", "ema", "step")}
     parts = sum(v for k, v in phases.items() if k != "step")

@@ -451,3 +451,12 @@ def test_a_streams_pass_covers_its_stage_even_when_augmentation_shrinks_every_sa
     taken = rec_steps * cfg.scaling.num_workers * 256 / 12.25  # rows the augmented stream consumes
     assert repeat * 12 >= taken
     assert repeat <= 1000
+
+
+def test_token_balance_is_the_mean_share_of_the_fullest_rank():
+    from trainers.metrics import token_balance
+
+    # step 1: both ranks 100 tokens; step 2: 80 against 100 (the lighter rank idles a fifth of its step)
+    assert token_balance(torch.tensor([[100.0, 80.0], [100.0, 100.0]])) == pytest.approx((1.0 + 0.9) / 2)
+    assert token_balance(torch.tensor([[64.0, 48.0]])) == 1.0  # one rank: nothing to wait for
+    assert token_balance(torch.empty(2, 0)) == 1.0
