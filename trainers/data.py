@@ -261,14 +261,15 @@ class TaskPool:
         mean = max(1.0, tokens / len(self.samples))
         return min(cap, int(-(-(target_tokens - tokens) // mean)))
 
-    def take(self, k: int, budget: int, extra: int = 0) -> list[Sample]:
+    def take(self, k: int, budget: int, extra: int = 0, best: list[int] | None = None) -> list[Sample]:
         """The first k of the best bin (the overdue, then the largest), topped up towards the budget with
         larger pooled samples; refill k + extra in the background. The top-up first keeps every overdue
         sample, then, if room is left, only the oldest: when the agreed k is below this rank's count, the k
         samples it keeps may be mostly small overdue ones, and pinning them all left the lighter rank at 95%
         of the budget (two ranks of digits beside photos at 256 tokens; 99.4% with the second pass). Those
-        swapped out stay overdue, first in the next step's bin."""
-        best, overdue = self.best_bin(budget), self.overdue()
+        swapped out stay overdue, first in the next step's bin. `best`: this step's `best_bin(budget)`,
+        when the caller already packed it for the ranks' agreement."""
+        best, overdue = self.best_bin(budget) if best is None else best, self.overdue()
         sizes = [s.tokens for s in self.samples]
         lead = next((p for p, i in enumerate(best[:k]) if i >= overdue), len(best[:k]))  # overdue prefix
         chosen = _top_up(sizes, best[:k], budget, pinned=lead)
@@ -376,10 +377,11 @@ class TaskData:
         waited = pool.wait()
         budget = self.cfg.data.token_budget
         # [samples to take, -extra samples to pool]: MIN agrees on the fewest to take and the most to add
-        agree = torch.tensor([len(pool.best_bin(budget)), -pool.want(2 * budget)])
+        best = pool.best_bin(budget)
+        agree = torch.tensor([len(best), -pool.want(2 * budget)])
         if dist.is_initialized():
             dist.all_reduce(agree, op=dist.ReduceOp.MIN)  # lockstep row consumption across ranks
-        return pool.take(int(agree[0]), budget, extra=-int(agree[1])), waited
+        return pool.take(int(agree[0]), budget, extra=-int(agree[1]), best=best), waited
 
     def settle(self) -> float:
         """Waits for every background refill, so positions are exact; returns the seconds waited."""

@@ -350,10 +350,10 @@ def test_lockstep_pools_serve_small_samples_within_a_bounded_wait():
             p.wait()
             for smp in p.samples:
                 arrived[r].setdefault(smp.sample_id, step)
-        k = min(len(p.best_bin(budget)) for p in pools)
-        extra = max(p.want(2 * budget) for p in pools)
+        bests = [p.best_bin(budget) for p in pools]
+        k, extra = min(len(b) for b in bests), max(p.want(2 * budget) for p in pools)
         for r, p in enumerate(pools):
-            batch = p.take(k, budget, extra)
+            batch = p.take(k, budget, extra, bests[r])  # as TaskData.next: the bin packed for the agreement
             assert len(batch) == k  # the lockstep: every rank takes the agreed count
             tokens[r].append(sum(s.tokens for s in batch))
             waits += [step - arrived[r][s.sample_id] for s in batch]
