@@ -15,7 +15,7 @@ from trainers.checkpoint import Checkpointer, TrainState
 from trainers.config import TrainConfig, from_dict
 from trainers.data import TaskData, task_schedule
 from trainers.ema import ShardedEMA
-from trainers.engine import build_engine, set_threads
+from trainers.engine import build_engine, import_deepspeed, set_threads
 from trainers.export import export_ema
 from trainers.metrics import HistoryFile, MetricsProcessor, StepTimer
 from trainers.module import TrainModule
@@ -47,6 +47,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     t_begin = time.time()
     startup: dict[str, float] = {"worker_group_s": t_begin - config["fit_started"]} if "fit_started" in config else {}
+    import_deepspeed()  # before the config's validation imports it, with MLflow
+    startup["import_deepspeed_s"] = time.time() - t_begin
     cfg = from_dict(TrainConfig, config["train"]).validate()
     set_threads(cfg)
     ctx = ray.train.get_context()

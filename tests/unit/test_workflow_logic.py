@@ -167,6 +167,25 @@ def test_zero_overrides_reach_deepspeed_and_bad_keys_are_named():
             s1.validate()
 
 
+def test_a_rank_imports_deepspeed_without_mlflow_and_mlflow_stays_importable():
+    """`import deepspeed` pulls in MLflow (its autotuner's optional import); a training rank's import leaves
+    it out and does not poison the name for code that imports MLflow later. A fresh process, since this
+    one may already hold both."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from trainers.engine import import_deepspeed; ds = import_deepspeed(); "
+            "print('got', int('mlflow' in sys.modules), int(ds.autotuning.autotuner.has_mlflow)); "
+            "import mlflow; print('got', int(sys.modules['mlflow'] is not None))")
+
+    def run(code: str) -> list[str]:  # DeepSpeed logs to stdout too: keep the lines this code printed
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        return [w for line in out.splitlines() if line.startswith("got ") for w in line.split()[1:]]
+
+    assert run(code) == ["0", "0", "1"]
+    assert run("import sys, deepspeed; print('got', int('mlflow' in sys.modules))") == ["1"]  # what the helper exists for: the plain import does load MLflow
+
+
 def test_zero_leaf_modules_mark_the_named_blocks_and_bad_names_are_named():
     """`scaling.zero_leaf_modules` (a Hydra override) marks exactly the modules of the named class for
     ZeRO-3; a name that is no model class fails validation naming the key."""
