@@ -32,9 +32,12 @@ def _bad(key: str, why: str) -> None:
     raise ConfigError(key, why)
 
 
-# zero_optimization keys that have their own place in this tree (one way to set each)
+# zero_optimization keys that have their own place in this tree (one way to set each), or that break training
 _ZERO_OWNED = {"stage": "ZeRO stage 3 is the trainer's design", "stage3_param_persistence_threshold":
-               "set scaling.zero_persistence_threshold", "param_persistence_threshold": "set scaling.zero_persistence_threshold"}
+               "set scaling.zero_persistence_threshold", "param_persistence_threshold": "set scaling.zero_persistence_threshold",
+               "stage3_module_granularity_threshold": "DeepSpeed's automatic leaves take in the stage's whole module, "
+               "whose gradients it then never reduces (two ranks trained on a flat loss); name the leaf classes in "
+               "scaling.zero_leaf_modules (e.g. [TransformerBlock])"}
 
 
 def _check_zero_overrides(overrides: dict) -> None:
@@ -162,7 +165,7 @@ class ScalingSection:
     zero_persistence_threshold: int = -1
     threads_per_worker: int = 0  # torch / OpenMP threads in a training worker; 0: its CPUs (at least 1)
     # more keys of DeepSpeed's `zero_optimization` section, in DeepSpeed's names (e.g.
-    # stage3_prefetch_bucket_size, stage3_module_granularity_threshold), set over the ones above; checked
+    # stage3_prefetch_bucket_size, stage3_max_live_parameters), set over the ones above; checked
     # against DeepSpeed's own config model at start-up
     zero_overrides: dict[str, Any] = field(default_factory=dict)
     # module classes of the model (atoken.layers / atoken.transformer, e.g. TransformerBlock) that ZeRO-3

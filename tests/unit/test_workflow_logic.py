@@ -161,7 +161,9 @@ def test_zero_overrides_reach_deepspeed_and_bad_keys_are_named():
     for overrides, match in (({"stage3_prefetch_bucket_sise": 1}, r"zero_overrides\.stage3_prefetch_bucket_sise: Extra"),
                              ({"stage3_max_live_parameters": "many"}, r"zero_overrides\.stage3_max_live_parameters"),
                              ({"stage": 2}, "stage 3 is the trainer's design"),
-                             ({"stage3_param_persistence_threshold": 0}, "scaling.zero_persistence_threshold")):
+                             ({"stage3_param_persistence_threshold": 0}, "scaling.zero_persistence_threshold"),
+                             ({"stage3_module_granularity_threshold": 10 ** 9},
+                              r"zero_overrides\.stage3_module_granularity_threshold: .*scaling\.zero_leaf_modules")):
         s1.scaling.zero_overrides = overrides
         with pytest.raises(ValueError, match=match):
             s1.validate()
