@@ -58,6 +58,21 @@ def latest_checkpoint(cfg: TrainConfig) -> tuple[str | None, int]:
     return best, step
 
 
+def load_engine_state(engine, directory: str, cfg: TrainConfig, uri: str) -> None:
+    """DeepSpeed's state from a checkpoint directory, with an error that says what to do when its optimizer
+    state was written for other parameter groups (DeepSpeed's own names neither the file nor a way out)."""
+    try:
+        engine.load_checkpoint(directory, tag=ENGINE_TAG, load_module_strict=True)
+    except ValueError as e:
+        if "parameter groups" not in str(e):
+            raise
+        raise ValueError(
+            f"checkpoint {uri}: its optimizer state has another number of parameter groups than this run's "
+            f"{len(engine.optimizer.param_groups)} (one per learning rate and weight decay: "
+            "trainers.engine.param_groups). It was written by another version or with other optim.*_lr_mult "
+            f"settings: resume it with those, or delete {run_dir(cfg)} to start the stage over") from e
+
+
 class Checkpointer:
     def __init__(self, cfg: TrainConfig, rank: int, world: int):
         self.cfg, self.rank, self.world = cfg, rank, world
@@ -77,7 +92,7 @@ class Checkpointer:
         if ckpt is None:
             return TrainState()
         with ckpt.as_directory() as d:
-            engine.load_checkpoint(d, tag=ENGINE_TAG, load_module_strict=True)
+            load_engine_state(engine, d, self.cfg, ckpt.path)
             state = torch.load(os.path.join(d, worker_state_file(self.rank)), weights_only=True)
         ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"])

@@ -110,6 +110,11 @@ def test_train_config_validation_names_keys():
             bad.validate()
 
 
+def _lr_by_part(groups: list[dict]) -> dict[str, float]:
+    """part name (enc-wd, logit-nowd, ...) -> its learning rate, through the merged groups' names."""
+    return {part: g["lr"] for g in groups for part in g["name"].split("+")}
+
+
 def test_encoder_lr_multiplier_only_for_a_pretrained_encoder():
     from trainers.engine import param_groups
     from trainers.module import TrainModule
@@ -118,21 +123,27 @@ def test_encoder_lr_multiplier_only_for_a_pretrained_encoder():
     c = TrainConfig()
     c.data.shards = "x"
     mod = TrainModule(AToken(preset("tiny")), 384, None, c)
-    lrs = {g["name"]: g["lr"] for g in param_groups(mod, c)}
+    groups = param_groups(mod, c)
+    lrs = _lr_by_part(groups)
     assert lrs["enc-wd"] == lrs["rest-wd"] == c.optim.lr  # a fresh encoder learns at the full rate
+    # parts that share lr and weight decay share a group: one gradient norm and all-reduce each in ZeRO-3's step
+    assert len(groups) == 2 and {g["weight_decay"] for g in groups} == {0.0, c.optim.weight_decay}
     c.model.siglip2_path = "/siglip2"
-    lrs = {g["name"]: g["lr"] for g in param_groups(mod, c)}
+    lrs = _lr_by_part(param_groups(mod, c))
     assert lrs["enc-wd"] == pytest.approx(0.1 * c.optim.lr) and lrs["rest-wd"] == c.optim.lr
     assert lrs["logit-nowd"] == c.optim.lr  # the sigmoid loss's t and b: their own multiplier (1 by default)
     c.optim.logit_lr_mult = 100
-    assert {g["name"]: g["lr"] for g in param_groups(mod, c)}["logit-nowd"] == pytest.approx(100 * c.optim.lr)
+    assert _lr_by_part(param_groups(mod, c))["logit-nowd"] == pytest.approx(100 * c.optim.lr)
     c.optim.encoder_lr_mult = 0.5
-    assert {g["name"]: g["lr"] for g in param_groups(mod, c)}["enc-nowd"] == pytest.approx(0.5 * c.optim.lr)
+    assert _lr_by_part(param_groups(mod, c))["enc-nowd"] == pytest.approx(0.5 * c.optim.lr)
     mod.model.attach_gaussian_decoder(gaussian_decoder_for_grid(None, 8))
     c.optim.gaussian_lr_mult = 0.3
-    groups = {g["name"]: (g["lr"], len(g["params"])) for g in param_groups(mod, c)}
-    assert groups["gs-wd"][0] == pytest.approx(0.3 * c.optim.lr) and groups["rest-wd"][0] == c.optim.lr
-    assert sum(n for _, n in groups.values()) == sum(1 for p in mod.parameters() if p.requires_grad)
+    groups = param_groups(mod, c)
+    lrs = _lr_by_part(groups)
+    assert lrs["gs-wd"] == pytest.approx(0.3 * c.optim.lr) and lrs["rest-wd"] == c.optim.lr
+    assert len(groups) == len({(g["lr"], g["weight_decay"]) for g in groups})  # no two groups alike
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == sum(1 for p in mod.parameters() if p.requires_grad)
 
 
 def test_zero3_persistence_threshold_auto_by_device_and_explicit():
