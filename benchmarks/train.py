@@ -2,7 +2,7 @@
 PyTorch loop (2 threads) of the same model, losses and global batch, in the same run.
 
     python benchmarks/train.py [--steps 30] [--preset tiny|base] [--budget <TrainConfig's>] [--repeat 300]
-        [--zero-persistence -1] [--zero KEY=VALUE ...] [--no-idle-pause]
+        [--zero-persistence -1] [--zero KEY=VALUE ...] [--leaf CLASS ...] [--no-idle-pause]
 
 Prints tokens/s of both (the distributed figure excludes the first report window: start-up and warm-up),
 their ratio (target >= 0.9) and the distributed run's data-wait fraction (target <= 2%). The baseline
@@ -104,6 +104,8 @@ def main() -> None:
                     help="scaling.zero_persistence_threshold (-1: auto, 0 on CPU)")
     ap.add_argument("--zero", action="append", default=[], metavar="KEY=VALUE",
                     help="scaling.zero_overrides entry (a DeepSpeed zero_optimization key; VALUE as JSON)")
+    ap.add_argument("--leaf", action="append", default=[], metavar="CLASS",
+                    help="scaling.zero_leaf_modules entry: a module class ZeRO-3 gathers whole, without hooks on its children")
     ap.add_argument("--no-idle-pause", action="store_true",
                     help="data.idle_stream_pause off: Ray Data's scheduling loop spins while its reads are done")
     args = ap.parse_args()
@@ -138,6 +140,7 @@ def main() -> None:
     cfg.data.idle_stream_pause = not args.no_idle_pause
     cfg.scaling.zero_persistence_threshold = args.zero_persistence
     cfg.scaling.zero_overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.zero)}
+    cfg.scaling.zero_leaf_modules = args.leaf
     history = d / "runs" / "bench" / "metrics.jsonl"
     with CpuSampler(lambda: len(history.read_bytes().splitlines()) if history.exists() else 0) as cpu:
         run_stage(cfg)
@@ -152,7 +155,7 @@ def main() -> None:
     base_tps = sum(base) / len(base)
     prebuilt_tps = plain_loop_tokens_per_s(str(d / "shards"), args.preset, args.budget, args.steps, data_in_loop=False)
     print(json.dumps({"preset": args.preset, "steps": args.steps, "budget_per_worker": args.budget,
-                      "zero_overrides": cfg.scaling.zero_overrides,
+                      "zero_overrides": cfg.scaling.zero_overrides, "zero_leaf_modules": args.leaf,
                       "idle_stream_pause": cfg.data.idle_stream_pause,
                       "ray_deepspeed_zero3_2_workers_tokens_per_s": round(dist_tps, 1),
                       "single_process_2_threads_tokens_per_s": round(base_tps, 1),
