@@ -92,7 +92,7 @@ class Checkpointer:
         if ckpt is None:
             return TrainState()
         with ckpt.as_directory() as d:
-            load_engine_state(engine, d, self.cfg, ckpt.path)
+            load_engine_state(engine, d, self.cfg, storage.unstrip(self.cfg.run.storage, ckpt.path))
             state = torch.load(os.path.join(d, worker_state_file(self.rank)), weights_only=True)
         ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"])
