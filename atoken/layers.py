@@ -82,7 +82,10 @@ class FeedForward(nn.Module):
                                  nn.Linear(hidden, dim, bias=bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
+        # the release's layout (mlp.0 / mlp.2) called layer by layer: under ZeRO-3 every module that runs gets
+        # fetch/release hooks and autograd nodes, and the container and the activation have no parameters
+        fc1, act, fc2 = self.mlp
+        return fc2(F.gelu(fc1(x), approximate=act.approximate))
 
 
 class SelfAttention(nn.Module):
