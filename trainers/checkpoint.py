@@ -64,10 +64,10 @@ def load_engine_state(engine, directory: str, cfg: TrainConfig, uri: str) -> Non
     try:
         engine.load_checkpoint(directory, tag=ENGINE_TAG, load_module_strict=True)
     except ValueError as e:
-        if "parameter groups" not in str(e):
+        if "parameter group" not in str(e):  # torch's count and size mismatches both say so
             raise
         raise ValueError(
-            f"checkpoint {uri}: its optimizer state has another number of parameter groups than this run's "
+            f"checkpoint {uri}: its optimizer state was written for other parameter groups than this run's "
             f"{len(engine.optimizer.param_groups)} (one per learning rate and weight decay: "
             "trainers.engine.param_groups). It was written by another version or with other optim.*_lr_mult "
             f"settings: resume it with those, or delete {run_dir(cfg)} to start the stage over") from e

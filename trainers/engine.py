@@ -75,14 +75,13 @@ def param_groups(module: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
         groups.setdefault((part, decay), []).append(p)
     lr = {"enc": cfg.optim.lr * mult, "rest": cfg.optim.lr, "logit": cfg.optim.lr * cfg.optim.logit_lr_mult,
           "gs": cfg.optim.lr * cfg.optim.gaussian_lr_mult}
-    merged: dict[tuple[float, float], dict] = {}
+    merged: dict[tuple[float, float], tuple[list, list[str]]] = {}
     for (part, decay), ps in sorted(groups.items()):
-        wd = cfg.optim.weight_decay if decay else 0.0
-        g = merged.setdefault((lr[part], wd), {"params": [], "lr": lr[part], "weight_decay": wd, "parts": []})
-        g["params"] += ps
-        g["parts"].append(f"{part}-{'wd' if decay else 'nowd'}")
-    return [{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"], "name": "+".join(g["parts"])}
-            for g in merged.values()]
+        params, parts = merged.setdefault((lr[part], cfg.optim.weight_decay if decay else 0.0), ([], []))
+        params += ps
+        parts.append(f"{part}-{'wd' if decay else 'nowd'}")
+    return [{"params": ps, "lr": rate, "weight_decay": wd, "name": "+".join(parts)}
+            for (rate, wd), (ps, parts) in merged.items()]
 
 
 def process_group_backend(gpu: bool) -> str:
