@@ -4,7 +4,6 @@ refused with a message that names the checkpoint and the way out, instead of Dee
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.services import free_port
+from tests.zero3 import full_parameters, join_gloo
 
 pytestmark = pytest.mark.integration
 
@@ -32,18 +32,8 @@ def _engine(logit_lr_mult: float):
     return build_engine(module, cfg, gpu=False), cfg
 
 
-def _params(engine) -> torch.Tensor:
-    import deepspeed
-
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params):
-        return torch.cat([p.detach().flatten().clone() for p in params])
-
-
 def _worker(port: int, d: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    join_gloo(0, 1, port)
     from trainers.checkpoint import ENGINE_TAG, load_engine_state
     from trainers.data import Sample
 
@@ -54,12 +44,12 @@ def _worker(port: int, d: str, out: str) -> None:
     saved.backward(terms["total"])
     saved.step()
     saved.save_checkpoint(d, tag=ENGINE_TAG)
-    res = {"saved_groups": len(saved.optimizer.param_groups), "saved": _params(saved).tolist()}
+    res = {"saved_groups": len(saved.optimizer.param_groups), "saved": full_parameters(saved.module).tolist()}
 
     same, _ = _engine(logit_lr_mult=10.0)
-    res["fresh_vs_saved"] = float((_params(same) - torch.tensor(res["saved"])).abs().max())
+    res["fresh_vs_saved"] = float((full_parameters(same.module) - torch.tensor(res["saved"])).abs().max())
     load_engine_state(same, d, cfg, "s3://bucket/runs/stage1-abc/checkpoint_00000001")
-    res["loaded_vs_saved"] = float((_params(same) - torch.tensor(res["saved"])).abs().max())
+    res["loaded_vs_saved"] = float((full_parameters(same.module) - torch.tensor(res["saved"])).abs().max())
 
     other, other_cfg = _engine(logit_lr_mult=1.0)  # every part at the base rate: 2 groups
     res["other_groups"] = len(other.optimizer.param_groups)

@@ -6,7 +6,6 @@ loss stays flat, so the config tree rejects that key (tests/unit/test_workflow_l
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.services import free_port
+from tests.zero3 import full_parameters, join_gloo
 
 pytestmark = pytest.mark.integration
 STEPS = 3
@@ -28,8 +28,6 @@ def _batch(rank: int, step: int) -> list:
 
 
 def _train(leaf: list[str]) -> tuple[list[float], torch.Tensor, torch.Tensor]:
-    import deepspeed
-
     from atoken.config import preset
     from atoken.model import AToken
     from trainers.config import TrainConfig
@@ -43,25 +41,18 @@ def _train(leaf: list[str]) -> tuple[list[float], torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     module = TrainModule(AToken(preset("tiny", latent_channels=cfg.model.latent_channels)), 384, None, cfg)
 
-    def full() -> torch.Tensor:
-        with deepspeed.zero.GatheredParameters(list(module.parameters())):
-            return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
-
     engine = build_engine(module, cfg, gpu=False)
-    start, losses = full(), []
+    start, losses = full_parameters(module), []
     for step in range(STEPS):
         terms = engine("image_rec", _batch(dist.get_rank(), step), None, step)
         engine.backward(terms["total"])
         engine.step()
         losses.append(terms["total"].item())
-    return losses, start, full()
+    return losses, start, full_parameters(module)
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_gloo(rank, world, port)
     plain_losses, start, plain = _train([])
     leaf_losses, _, leaf = _train(["TransformerBlock"])
     if rank == 0:
