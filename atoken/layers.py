@@ -172,17 +172,26 @@ class LearnedPositionEmbedder(nn.Module):
         self.position_embedding = nn.Embedding(grid * grid, dim)
 
     def forward(self, pos: torch.Tensor, cu: list[int], grids: list[tuple[int, int]]) -> torch.Tensor:
+        """One resized table per distinct grid, stacked, and one lookup for every token (a lookup per
+        segment cost ~2.6 ms a step forward and backward for a batch of 20 photos)."""
         table = self.position_embedding.weight.float()
         dim = table.shape[1]
+        if len(cu) < 2:
+            return table.new_empty(0, dim).type(self.position_embedding.weight.dtype)
         base = table.reshape(self.grid, self.grid, dim).permute(2, 0, 1)[None]
-        out = torch.empty(len(pos), dim, device=table.device, dtype=torch.float32)
-        cache: dict[tuple[int, int], torch.Tensor] = {}
-        for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
-            g = grids[i]
-            if g not in cache:
-                cache[g] = (base if g == (self.grid, self.grid) else
-                            F.interpolate(base, size=g, mode="bilinear", align_corners=False, antialias=True))[0]
-            out[a:b] = cache[g][:, pos[a:b, 1], pos[a:b, 2]].T
+        offsets: dict[tuple[int, int], int] = {}
+        tables = []
+        for g in grids:
+            if g not in offsets:
+                offsets[g] = sum(len(t) for t in tables)
+                t = base if g == (self.grid, self.grid) else F.interpolate(base, size=g, mode="bilinear",
+                                                                          align_corners=False, antialias=True)
+                tables.append(t[0].reshape(dim, -1).T)  # [gh * gw, dim], row x * gw + y
+        lengths = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:])], device=pos.device)
+        start = torch.repeat_interleave(torch.tensor([offsets[g] for g in grids], device=pos.device), lengths)
+        width = torch.repeat_interleave(torch.tensor([g[1] for g in grids], device=pos.device), lengths)
+        index = start + pos[:, 1].long() * width + pos[:, 2].long()
+        out = F.embedding(index, torch.cat(tables) if len(tables) > 1 else tables[0])
         return out.type(self.position_embedding.weight.dtype)
 
 

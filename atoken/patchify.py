@@ -8,9 +8,11 @@ frame-0 slot with zeros elsewhere and coords [b, 1, x, y, z].
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from atoken.sparse import SparseBatch, concat
+from atoken.sparse import SparseBatch
 
 THREE_D_T = 1  # the official release puts 3D tokens at t = 1 (the paper says 0; RoPE is relative)
 
@@ -25,30 +27,60 @@ def center_crop_hw(x: torch.Tensor, p: int) -> torch.Tensor:
     return x[..., top:top + h, left:left + w, :]
 
 
-def video_to_tokens(video: torch.Tensor, patch: tuple[int, int, int] = (4, 16, 16),
-                    batch_index: int = 0) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
-    """video [T, H, W, 3] in [-1, 1] -> feats [N, pt*ph*pw*3], coords [N, 5], kept (T, H, W)."""
+def _pixel_grid(x: torch.Tensor, patch: tuple[int, int, int]) -> tuple[torch.Tensor, int, int, int]:
+    """A video [T, H, W, C] cut to whole patches (T to a multiple of pt, H and W around the centre) and
+    its token grid (nt, nx, ny)."""
     pt, ph, pw = patch
     if ph != pw:
         raise ValueError("patch height and width must match")
-    T = video.shape[0] - video.shape[0] % pt
+    T = x.shape[0] - x.shape[0] % pt
     if T == 0:
-        raise ValueError(f"video of {video.shape[0]} frames is shorter than one {pt}-frame patch")
-    v = center_crop_hw(video[:T], ph)
-    _, H, W, C = v.shape
-    nt, nx, ny = T // pt, H // ph, W // pw
-    tok = v.reshape(nt, pt, nx, ph, ny, pw, C).permute(0, 2, 4, 1, 3, 5, 6).reshape(nt * nx * ny, -1)
+        raise ValueError(f"video of {x.shape[0]} frames is shorter than one {pt}-frame patch")
+    v = center_crop_hw(x[:T], ph)
+    return v, T // pt, v.shape[1] // ph, v.shape[2] // pw
+
+
+def _write_pixel_tokens(dst: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int], pt: int, ph: int) -> None:
+    """Copies whole-patch frames v [nt*pt (or fewer), H, W, C] into dst [nt*nx*ny, >= frames*ph*ph*C] in the
+    token layout, in one strided copy: the frames fill the leading (frame-in-patch) slots of each token."""
+    nt, nx, ny = grid
+    f, C = v.shape[0] // nt, v.shape[-1]
+    src = v.reshape(nt, f, nx, ph, ny, ph, C).permute(0, 2, 4, 1, 3, 5, 6)
+    dst[:, : f * ph * ph * C].view(nt, nx, ny, f, ph, ph, C).copy_(src)
+
+
+@functools.lru_cache(maxsize=512)
+def _grid_positions(nt: int, nx: int, ny: int) -> torch.Tensor:
+    """[n, 4] int32 (t, x, y, 0) of a token grid, ordered t, then x, then y (read-only: shared)."""
     t, x, y = torch.meshgrid(torch.arange(nt), torch.arange(nx), torch.arange(ny), indexing="ij")
-    coords = torch.stack([torch.full_like(t, batch_index), t, x, y, torch.zeros_like(t)], -1).reshape(-1, 5)
-    return tok, coords.int(), (T, H, W)
+    return torch.stack([t, x, y, torch.zeros_like(t)], -1).reshape(-1, 4).int()
+
+
+def _pixel_coords(grid: tuple[int, int, int], batch_index: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, 5] int32 (b, t, x, y, 0) of a token grid, ordered t, then x, then y."""
+    pos = _grid_positions(*grid)
+    out = torch.empty(len(pos), 5, dtype=torch.int32) if out is None else out
+    out[:, 0] = batch_index
+    out[:, 1:] = pos
+    return out
+
+
+def video_to_tokens(video: torch.Tensor, patch: tuple[int, int, int] = (4, 16, 16),
+                    batch_index: int = 0) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+    """video [T, H, W, 3] in [-1, 1] -> feats [N, pt*ph*pw*3], coords [N, 5], kept (T, H, W)."""
+    v, *grid = _pixel_grid(video, patch)
+    feats = video.new_empty(grid[0] * grid[1] * grid[2], patch[0] * patch[1] * patch[2] * video.shape[-1])
+    _write_pixel_tokens(feats, v, tuple(grid), patch[0], patch[1])
+    return feats, _pixel_coords(tuple(grid), batch_index), tuple(v.shape[:3])
 
 
 def image_to_tokens(image: torch.Tensor, patch: tuple[int, int, int] = (4, 16, 16),
                     batch_index: int = 0) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
     """image [H, W, 3] in [-1, 1] -> tokens of one zero-padded 4-frame patch row."""
-    pad = image.new_zeros((patch[0] - 1, *image.shape))
-    feats, coords, (_, H, W) = video_to_tokens(torch.cat([image[None], pad]), patch, batch_index)
-    return feats, coords, (1, H, W)
+    v, *grid = _pixel_grid(image[None], (1, patch[1], patch[2]))
+    feats = image.new_zeros(grid[1] * grid[2], patch[0] * patch[1] * patch[2] * image.shape[-1])
+    _write_pixel_tokens(feats, v, tuple(grid), patch[0], patch[1])
+    return feats, _pixel_coords(tuple(grid), batch_index), (1, v.shape[1], v.shape[2])
 
 
 def tokens_to_video(feats: torch.Tensor, coords: torch.Tensor, shape: tuple[int, int, int],
@@ -64,33 +96,43 @@ def tokens_to_video(feats: torch.Tensor, coords: torch.Tensor, shape: tuple[int,
     return video[:1] if T == 1 else video
 
 
-def voxels_to_tokens(voxel_feats: torch.Tensor, voxel_coords: torch.Tensor, in_channels: int = 3072,
-                     batch_index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """voxel_feats [N, 768] in [0, 1] (a 16x16 RGB patch per voxel), voxel_coords [N, 3] (x, y, z)."""
-    f = voxel_feats.float() * 2 - 1
-    feats = torch.cat([f, f.new_zeros(len(f), in_channels - f.shape[1])], 1)
-    n = len(voxel_coords)
-    lead = torch.tensor([batch_index, THREE_D_T], dtype=torch.int32).expand(n, 2)
-    return feats, torch.cat([lead, voxel_coords.int()], 1)
-
-
 def pack(samples: list[tuple[str, torch.Tensor]], patch: tuple[int, int, int] = (4, 16, 16),
          in_channels: int = 3072) -> SparseBatch:
     """Packs (modality, tensor) samples: image [H,W,3], video [T,H,W,3] in [-1, 1]; 3d as a tuple
-    (voxel_feats [N,768] in [0,1], voxel_coords [N,3])."""
-    parts = []
+    (voxel_feats [N,768] in [0,1], voxel_coords [N,3]). Every sample is written once into one zeroed
+    buffer (a training step's pack was ~1.2 ms per photo through per-sample tensors and a final cat)."""
+    pt, ph, pw = patch
+    plan, dtype, width = [], None, None  # (modality, cut pixels or voxel tuple, grid or None, tokens)
     for i, (modality, x) in enumerate(samples):
-        if modality == "image":
-            f, c, shape = image_to_tokens(x, patch)
-        elif modality == "video":
-            f, c, shape = video_to_tokens(x, patch)
+        if modality in ("image", "video"):
+            v, *grid = _pixel_grid(x[None] if modality == "image" else x, (1, ph, pw) if modality == "image" else patch)
+            plan.append((modality, v, tuple(grid), grid[0] * grid[1] * grid[2]))
+            dtype = x.dtype if dtype is None else torch.promote_types(dtype, x.dtype)
+            w = pt * ph * pw * x.shape[-1]
         elif modality == "3d":
-            f, c = voxels_to_tokens(x[0], x[1], in_channels)
-            shape = None
+            plan.append((modality, x, None, len(x[1])))
+            dtype = torch.float32 if dtype is None else torch.promote_types(dtype, torch.float32)
+            w = in_channels
         else:
             raise ValueError(f"sample {i}: unknown modality {modality!r}")
-        parts.append(SparseBatch(f, c, [modality], [shape]))
-    return concat(parts)
+        if width is not None and w != width:
+            raise ValueError(f"sample {i}: {modality} tokens of {w} channels beside tokens of {width}")
+        width = w
+    feats = torch.zeros(sum(p[3] for p in plan), width or in_channels, dtype=dtype or torch.float32)
+    coords = torch.empty(len(feats), 5, dtype=torch.int32)
+    shapes, o = [], 0
+    for b, (modality, x, grid, n) in enumerate(plan):
+        if modality == "3d":
+            vf, vc = x
+            feats[o:o + n, : vf.shape[1]] = vf.float() * 2 - 1
+            coords[o:o + n, 0], coords[o:o + n, 1], coords[o:o + n, 2:] = b, THREE_D_T, vc.int()
+            shapes.append(None)
+        else:
+            _write_pixel_tokens(feats[o:o + n], x, grid, pt, ph)
+            _pixel_coords(grid, b, coords[o:o + n])
+            shapes.append((1 if modality == "image" else x.shape[0], x.shape[1], x.shape[2]))
+        o += n
+    return SparseBatch(feats, coords, [p[0] for p in plan], shapes)
 
 
 def unpack(batch: SparseBatch, feats: torch.Tensor | None = None,
@@ -117,7 +159,7 @@ def voxel_features_from_views(views: torch.Tensor, viewmats: torch.Tensor, Ks: t
     """Each occupied voxel takes the patch x patch RGB patch of its nearest view (paper Fig. 3; the
     release picks the smallest projected depth, with no occlusion test) at the patch its centre
     projects into. views [V, H, W, 3] in [0, 1] -> features [N, patch*patch*3] in [0, 1], flattened
-    (row, col, channel) like an image patch, ready for voxels_to_tokens."""
+    (row, col, channel) like an image patch, ready for `pack` as a 3d sample."""
     V, H, W, C = views.shape
     gh, gw = H // patch, W // patch
     tiles = views[:, : gh * patch, : gw * patch].reshape(V, gh, patch, gw, patch, C).permute(0, 1, 3, 2, 4, 5)

@@ -101,13 +101,12 @@ def segments(coords: torch.Tensor, window: int) -> Segments:
     ks, cs = key[order], c[order]
     _, counts = torch.unique_consecutive(ks, return_counts=True)
     cu = [0] + torch.cumsum(counts, 0).tolist()
+    first = torch.tensor(cu[:-1], dtype=torch.long, device=c.device)
+    seg = torch.repeat_interleave(torch.arange(len(counts), device=c.device), counts)
     pos = cs[:, 1:].clone()
-    grid, samples = [], []
-    for i in range(len(cu) - 1):
-        a, b = cu[i], cu[i + 1]
-        seg = cs[a:b]
-        start = t0 + window * int(win[order[a]])
-        pos[a:b, 0] = seg[:, 1] - start
-        grid.append((int(seg[:, 2].max()) + 1, int(seg[:, 3].max()) + 1))
-        samples.append(int(seg[0, 0]))
+    pos[:, 0] = cs[:, 1] - (t0 + window * win[order[first]])[seg]
+    extent = torch.zeros(len(counts), 2, dtype=cs.dtype, device=c.device)
+    extent.scatter_reduce_(0, seg[:, None].expand(-1, 2), cs[:, 2:4], "amax")
+    grid = [(x + 1, y + 1) for x, y in extent.tolist()]
+    samples = cs[first, 0].tolist()
     return Segments(order, inverse, cu, pos, grid, samples)

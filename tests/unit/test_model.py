@@ -51,6 +51,64 @@ def test_mixed_batch_packs_contiguously_and_unpacks(tiny):
         SparseBatch(b.feats, b.coords.flip(0))
 
 
+def _naive_tokens(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """The token layout written out token by token: each 4x16x16 block as (frame-in-patch, row, col,
+    channel), tokens ordered t, x, y; frames past the sample's own (an image's 3) are zeros."""
+    T, H, W = x.shape[0], x.shape[1] - x.shape[1] % 16, x.shape[2] - x.shape[2] % 16
+    top, left = (x.shape[1] - H) // 2, (x.shape[2] - W) // 2
+    out = []
+    for t in range(0, max(T - T % 4, 1), 4):
+        for i in range(H // 16):
+            for j in range(W // 16):
+                tok = torch.zeros(4, 16, 16, 3, dtype=x.dtype)
+                for f in range(frames):
+                    tok[f] = x[t + f, top + 16 * i: top + 16 * i + 16, left + 16 * j: left + 16 * j + 16]
+                out.append(tok.reshape(-1))
+    return torch.stack(out)
+
+
+def test_pack_writes_the_token_layout_of_every_sample():
+    g = torch.Generator().manual_seed(0)
+    img, vid = torch.rand(70, 53, 3, generator=g) * 2 - 1, torch.rand(9, 33, 50, 3, generator=g) * 2 - 1
+    vox = (torch.rand(3, 768, generator=g), torch.tensor([[1, 2, 3], [4, 5, 6], [0, 7, 1]]))
+    b = pack([("video", vid), ("3d", vox), ("image", img)])
+    n_vid = 2 * 2 * 3
+    assert torch.equal(b.feats[:n_vid], _naive_tokens(vid, 4))
+    assert torch.equal(b.feats[n_vid + 3:], _naive_tokens(img[None], 1))
+    assert torch.equal(b.feats[n_vid:n_vid + 3, :768], vox[0] * 2 - 1) and b.feats[n_vid:n_vid + 3, 768:].abs().sum() == 0
+    t, i, j = torch.meshgrid(torch.arange(2), torch.arange(2), torch.arange(3), indexing="ij")
+    assert b.coords[:n_vid].tolist() == torch.stack([t * 0, t, i, j, t * 0], -1).reshape(-1, 5).tolist()
+    assert b.coords[n_vid:n_vid + 3].tolist() == [[1, 1, 1, 2, 3], [1, 1, 4, 5, 6], [1, 1, 0, 7, 1]]
+    assert b.coords[n_vid + 3:, 0].unique().tolist() == [2] and b.shapes == [(8, 32, 48), None, (1, 64, 48)]
+    assert pack([("image", img.double())]).feats.dtype == torch.float64  # the samples' dtype, promoted
+    with pytest.raises(ValueError, match="shorter than one 4-frame patch"):
+        pack([("video", vid[:3])])
+
+
+def test_position_table_lookup_matches_a_lookup_per_segment():
+    """The learned table is resized once per distinct grid and read for all tokens at once: the same
+    values as resizing and reading per segment, and the same gradient to rounding."""
+    import torch.nn.functional as F
+
+    from atoken.layers import LearnedPositionEmbedder
+
+    torch.manual_seed(0)
+    m = LearnedPositionEmbedder(8, grid=16)
+    b = pack([("image", torch.rand(h, w, 3)) for h, w in [(128, 128), (96, 128), (128, 128), (256, 256), (48, 80)]])
+    s = segments(b.coords, 1)
+    out = m(s.pos, s.cu, s.grid)
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    table = m.position_embedding.weight.detach().clone().requires_grad_()
+    base = table.reshape(16, 16, 8).permute(2, 0, 1)[None]
+    ref = torch.cat([(base if g == (16, 16) else F.interpolate(base, size=g, mode="bilinear", align_corners=False,
+                                                                antialias=True))[0][:, s.pos[a:e, 1], s.pos[a:e, 2]].T
+                     for g, a, e in zip(s.grid, s.cu[:-1], s.cu[1:])])
+    (ref * w).sum().backward()
+    assert torch.equal(out, ref)
+    assert torch.allclose(m.position_embedding.weight.grad, table.grad, atol=1e-5)
+
+
 def test_nearest_view_voxel_features():
     from atoken.cameras import intrinsics, look_at
 
@@ -105,6 +163,18 @@ def test_windows_group_by_sample_and_time():
     s = segments(coords, 4)
     assert s.cu == [0, 1, 2, 4] and s.sample_of_segment == [0, 0, 1]
     assert s.pos[:, 0].tolist() == [0, 1, 1, 1] and s.grid == [(1, 1), (1, 1), (3, 4)]
+    # a mixed batch against the windows worked out per segment
+    b = pack([("video", torch.rand(16, 32, 48, 3)), ("image", torch.rand(48, 64, 3)),
+              ("3d", (torch.rand(4, 768), torch.tensor([[0, 0, 0], [5, 1, 2], [2, 6, 0], [1, 1, 1]])))])
+    for window in (1, 2, 4):
+        s = segments(b.coords, window)
+        cs = b.coords.long()[s.order]
+        t0 = int(b.coords[:, 1].min())
+        for k, (a, e) in enumerate(zip(s.cu[:-1], s.cu[1:])):
+            seg = cs[a:e]
+            assert s.sample_of_segment[k] == int(seg[0, 0]) and (seg[:, 0] == seg[0, 0]).all()
+            assert s.grid[k] == (int(seg[:, 2].max()) + 1, int(seg[:, 3].max()) + 1)
+            assert torch.equal(s.pos[a:e, 0], seg[:, 1] - t0 - window * ((int(seg[0, 1]) - t0) // window))
 
 
 @pytest.mark.parametrize("name,paper", [("base", 192e6), ("so400m", 800e6)])
