@@ -62,13 +62,15 @@ class AToken(nn.Module):
             return self.quantizer(enc.posterior.mean)
         return (enc.posterior.sample(generator) if sample else enc.posterior.mode()), None
 
-    def decode_sparse(self, latent: torch.Tensor, coords: torch.Tensor, capture: dict | None = None) -> torch.Tensor:
-        return self.decoder(latent, coords, capture)
+    def decode_sparse(self, latent: torch.Tensor, coords: torch.Tensor, capture: dict | None = None,
+                      out_features: int | None = None) -> torch.Tensor:
+        return self.decoder(latent, coords, capture, out_features)
 
     def forward(self, batch: SparseBatch, sample: bool = True, generator: torch.Generator | None = None) -> dict:
         enc = self.encode_sparse(batch)
         latent, codes = self.bottleneck(enc, sample, generator)
-        rec = self.decode_sparse(latent, batch.coords)
+        width = batch.feats.shape[1]  # a batch packed with trim_padding: its tokens' first frame only
+        rec = self.decode_sparse(latent, batch.coords, out_features=width if width < self.config.in_channels else None)
         return {"rec": rec, "latent": latent, "codes": codes, "posterior": enc.posterior,
                 "semantic": enc.semantic, "tokens": enc.tokens}
 

@@ -85,23 +85,29 @@ def image_to_tokens(image: torch.Tensor, patch: tuple[int, int, int] = (4, 16, 1
 
 def tokens_to_video(feats: torch.Tensor, coords: torch.Tensor, shape: tuple[int, int, int],
                     patch: tuple[int, int, int] = (4, 16, 16)) -> torch.Tensor:
-    """Exact inverse of video_to_tokens for one sample; shape is the kept (T, H, W). T == 1 keeps frame 0."""
+    """Exact inverse of video_to_tokens for one sample; shape is the kept (T, H, W). T == 1 keeps frame 0.
+    Tokens of one frame (a batch packed with trim_padding) give that frame."""
     pt, ph, pw = patch
     T, H, W = shape
+    f = feats.shape[1] // (ph * pw * 3)  # frames per token: pt, or 1 when trimmed
     nt, nx, ny = max(T // pt, 1), H // ph, W // pw
-    out = feats.new_zeros(nt, nx, ny, pt, ph, pw, 3)
+    out = feats.new_zeros(nt, nx, ny, f, ph, pw, 3)
     c = coords.long()
-    out[c[:, 1] - c[:, 1].min(), c[:, 2], c[:, 3]] = feats.reshape(-1, pt, ph, pw, 3)
-    video = out.permute(0, 3, 1, 4, 2, 5, 6).reshape(nt * pt, nx * ph, ny * pw, 3)
+    out[c[:, 1] - c[:, 1].min(), c[:, 2], c[:, 3]] = feats.reshape(-1, f, ph, pw, 3)
+    video = out.permute(0, 3, 1, 4, 2, 5, 6).reshape(nt * f, nx * ph, ny * pw, 3)
     return video[:1] if T == 1 else video
 
 
 def pack(samples: list[tuple[str, torch.Tensor]], patch: tuple[int, int, int] = (4, 16, 16),
-         in_channels: int = 3072) -> SparseBatch:
+         in_channels: int = 3072, trim_padding: bool = False) -> SparseBatch:
     """Packs (modality, tensor) samples: image [H,W,3], video [T,H,W,3] in [-1, 1]; 3d as a tuple
     (voxel_feats [N,768] in [0,1], voxel_coords [N,3]). Every sample is written once into one zeroed
-    buffer (a training step's pack was ~1.2 ms per photo through per-sample tensors and a final cat)."""
+    buffer (a training step's pack was ~1.2 ms per photo through per-sample tensors and a final cat).
+    With `trim_padding`, a batch of only images and 3D voxels keeps their one frame: [L, ph*pw*3]
+    instead of the 4-frame patch's zeros beside it (the model reads and writes such tokens narrow)."""
     pt, ph, pw = patch
+    if trim_padding and all(m in ("image", "3d") for m, _ in samples):
+        pt, in_channels = 1, ph * pw * 3
     plan, dtype, width = [], None, None  # (modality, cut pixels or voxel tuple, grid or None, tokens)
     for i, (modality, x) in enumerate(samples):
         if modality in ("image", "video"):

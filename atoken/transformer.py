@@ -7,7 +7,7 @@ from torch.utils.checkpoint import checkpoint
 
 from atoken.config import ATokenConfig
 from atoken.layers import (AttentionPoolingHead, LayerNorm32, LearnedPositionEmbedder, RMSNorm32,
-                           RotaryEmbedding4D, TransformerBlock, make_norm)
+                           RotaryEmbedding4D, TransformerBlock, TrimmableLinear, make_norm)
 from atoken.sparse import Segments, segments
 
 
@@ -20,7 +20,7 @@ class _Stack(nn.Module):
         width, heads = g("model_channels"), g("num_heads")
         self.window = cfg.temporal_window
         self.checkpointing = cfg.gradient_checkpointing
-        self.input_layer = nn.Linear(in_dim, width, bias=in_bias)
+        self.input_layer = TrimmableLinear(in_dim, width, bias=in_bias)
         self.pos_embedder = LearnedPositionEmbedder(width, cfg.pos_grid)
         self.rope = RotaryEmbedding4D(width // heads, cfg.rope_theta)
         self.blocks = nn.ModuleList(
@@ -68,11 +68,13 @@ class Decoder(_Stack):
         super().__init__(cfg, "decoder", cfg.latent_channels, False)
         w = cfg.decoder_model_channels
         self.out_norm = make_norm(w, cfg.decoder_use_rms_norm, cfg.norm_eps)
-        self.out_layer = nn.Linear(w, cfg.out_channels, bias=cfg.decoder_use_bias)
+        self.out_layer = TrimmableLinear(w, cfg.out_channels, bias=cfg.decoder_use_bias)
 
-    def forward(self, latent: torch.Tensor, coords: torch.Tensor, capture: dict | None = None) -> torch.Tensor:
+    def forward(self, latent: torch.Tensor, coords: torch.Tensor, capture: dict | None = None,
+                out_features: int | None = None) -> torch.Tensor:
+        """Reconstructed tokens [L, out_features or out_channels] (the leading channels: frame 0 first)."""
         h, _ = self.run(latent, coords, capture)
-        return self.out_layer(self.out_norm(h))
+        return self.out_layer(self.out_norm(h), out_features)
 
     @torch.no_grad()
     def stream(self, latent: torch.Tensor, coords: torch.Tensor, kv_cache_frames: int = 0):

@@ -36,7 +36,8 @@ OVERRIDES = ["image.max_side=128", "video.max_side=64", "threed.views=4", "three
 
 
 def plain_loop_tokens_per_s(shards: str, preset_name: str, budget: int, steps: int, data_in_loop: bool = True) -> float:
-    """The baseline: one process, 2 threads, the same model, loss, optimizer and global batch (2 x budget).
+    """The baseline: one process, 2 threads, the same model, loss, optimizer and global batch (2 x budget),
+    its photos packed with one frame per token as a training worker packs them (`pack(trim_padding=True)`).
     With `data_in_loop` each step converts its shard rows as a training worker does (pixel decode, the
     same augmentation, crop, patchify) and fills its batch greedily; without, it trains on batches built
     before the clock starts (unaugmented samples, packed first-fit over the whole set): the model and
@@ -68,14 +69,14 @@ def plain_loop_tokens_per_s(shards: str, preset_name: str, budget: int, steps: i
                     break
                 group.append(pending)
                 used, pending = used + pending.tokens, None
-            yield pack([(s.modality, s.data) for s in group])
+            yield pack([(s.modality, s.data) for s in group], trim_padding=True)
 
     if data_in_loop:
         batches = converted_batches()
     else:
         samples = [row_to_sample(r, budget) for r in rows]
         bins = first_fit_decreasing([s.tokens for s in samples], 2 * budget)
-        built = [pack([(samples[i].modality, samples[i].data) for i in b]) for b in bins]
+        built = [pack([(samples[i].modality, samples[i].data) for i in b], trim_padding=True) for b in bins]
         batches = (built[k % len(built)] for k in range(10 ** 9))
     tokens, t0 = 0, None
     for step in range(steps):

@@ -21,10 +21,16 @@ def caption_targets(captions: list[str]) -> torch.Tensor:
 
 
 class TrainModule(nn.Module):
+    """`trim_padding` (on) packs a batch of images or 3D voxels with their one frame per token, which the
+    model reads and writes narrow (`atoken.layers.TrimmableLinear`); off, it packs the released model's
+    4-frame tokens: the same losses and gradients with ~1.5x the arithmetic (the reference tests use)."""
+
     def __init__(self, model: AToken, text_dim: int, feature_net: nn.Module | None, cfg: TrainConfig,
-                 text_projection: torch.Tensor | None = None, teacher: nn.Module | None = None):
+                 text_projection: torch.Tensor | None = None, teacher: nn.Module | None = None,
+                 trim_padding: bool = True):
         super().__init__()
         self.model = model
+        self.trim_padding = trim_padding
         width = model.config.encoder_model_channels
         # maps the text tower's embedding into the semantic head's space (identity-sized for SigLIP2 So400m)
         self.text_proj = nn.Linear(text_dim, width, bias=False)
@@ -42,7 +48,7 @@ class TrainModule(nn.Module):
         dev = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
         batch = pack([(s.modality, s.data) for s in samples], self.model.config.patch_size,
-                     self.model.config.in_channels).to(dev, dtype)
+                     self.model.config.in_channels, trim_padding=self.trim_padding).to(dev, dtype)
         w = self.cfg.losses
         if task.endswith("_und"):
             enc = self.model.encode_sparse(batch)
@@ -59,7 +65,8 @@ class TrainModule(nn.Module):
             return {"sem": sem, "total": w.sem * sem}
         out = self.model(batch, sample=True)
         rec, target = out["rec"], batch.feats
-        fp = rec.shape[1] // self.model.config.patch_size[0]
+        _, ph, pw = self.model.config.patch_size
+        fp = ph * pw * 3  # one frame's channels
         terms: dict[str, torch.Tensor] = {}
         if task in ("image_rec", "3d_rec"):  # frame 0 only: an image's padding is discarded
             diff = rec[:, :fp].float() - target[:, :fp].float()

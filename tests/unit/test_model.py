@@ -85,6 +85,25 @@ def test_pack_writes_the_token_layout_of_every_sample():
         pack([("video", vid[:3])])
 
 
+def test_trimmed_tokens_give_the_first_frame_of_the_4_frame_computation(tiny):
+    """Images and 3D voxels packed with one frame per token: the encoder reads, and the decoder writes,
+    only that frame's channels, and the model computes what it computes for the zero-padded tokens
+    (different matmul shapes: equal to rounding)."""
+    torch.manual_seed(0)
+    samples = [("image", torch.rand(64, 48, 3) * 2 - 1), ("3d", (torch.rand(6, 768), torch.randint(0, 8, (6, 3)))),
+               ("image", torch.rand(48, 80, 3) * 2 - 1)]
+    full, trim = pack(samples), pack(samples, trim_padding=True)
+    assert trim.feats.shape == (len(full.feats), 768) and torch.equal(trim.feats, full.feats[:, :768])
+    assert pack(samples + [("video", torch.rand(4, 32, 32, 3))], trim_padding=True).feats.shape[1] == 3072
+    a = tiny(full, sample=True, generator=torch.Generator().manual_seed(1))
+    b = tiny(trim, sample=True, generator=torch.Generator().manual_seed(1))
+    assert b["rec"].shape == (len(full.feats), 768)
+    assert torch.allclose(b["rec"], a["rec"][:, :768], atol=1e-5)
+    assert torch.allclose(b["semantic"], a["semantic"], atol=1e-5)
+    for x, y in zip(unpack(trim, b["rec"]), unpack(full, a["rec"])):
+        assert x.shape == y.shape and torch.allclose(x, y, atol=1e-5)
+
+
 def test_position_table_lookup_matches_a_lookup_per_segment():
     """The learned table is resized once per distinct grid and read for all tokens at once: the same
     values as resizing and reading per segment, and the same gradient to rounding."""
