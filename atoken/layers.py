@@ -196,7 +196,7 @@ class LearnedPositionEmbedder(nn.Module):
         tables = []
         for g in grids:
             if g not in offsets:
-                offsets[g] = sum(len(t) for t in tables)
+                offsets[g] = sum(a * b for a, b in offsets)
                 t = base if g == (self.grid, self.grid) else F.interpolate(base, size=g, mode="bilinear",
                                                                           align_corners=False, antialias=True)
                 tables.append(t[0].reshape(dim, -1).T)  # [gh * gw, dim], row x * gw + y

@@ -40,13 +40,13 @@ def _pixel_grid(x: torch.Tensor, patch: tuple[int, int, int]) -> tuple[torch.Ten
     return v, T // pt, v.shape[1] // ph, v.shape[2] // pw
 
 
-def _write_pixel_tokens(dst: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int], pt: int, ph: int) -> None:
-    """Copies whole-patch frames v [nt*pt (or fewer), H, W, C] into dst [nt*nx*ny, >= frames*ph*ph*C] in the
-    token layout, in one strided copy: the frames fill the leading (frame-in-patch) slots of each token."""
+def _write_pixel_tokens(dst: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int], p: int) -> None:
+    """Copies whole-patch frames v [nt*f, H, W, C] into dst [nt*nx*ny, >= f*p*p*C] in the token layout,
+    in one strided copy: the f frames fill the leading (frame-in-patch) slots of each token."""
     nt, nx, ny = grid
     f, C = v.shape[0] // nt, v.shape[-1]
-    src = v.reshape(nt, f, nx, ph, ny, ph, C).permute(0, 2, 4, 1, 3, 5, 6)
-    dst[:, : f * ph * ph * C].view(nt, nx, ny, f, ph, ph, C).copy_(src)
+    src = v.reshape(nt, f, nx, p, ny, p, C).permute(0, 2, 4, 1, 3, 5, 6)
+    dst[:, : f * p * p * C].view(nt, nx, ny, f, p, p, C).copy_(src)
 
 
 @functools.lru_cache(maxsize=512)
@@ -56,31 +56,21 @@ def _grid_positions(nt: int, nx: int, ny: int) -> torch.Tensor:
     return torch.stack([t, x, y, torch.zeros_like(t)], -1).reshape(-1, 4).int()
 
 
-def _pixel_coords(grid: tuple[int, int, int], batch_index: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """[n, 5] int32 (b, t, x, y, 0) of a token grid, ordered t, then x, then y."""
-    pos = _grid_positions(*grid)
-    out = torch.empty(len(pos), 5, dtype=torch.int32) if out is None else out
-    out[:, 0] = batch_index
-    out[:, 1:] = pos
-    return out
-
-
 def video_to_tokens(video: torch.Tensor, patch: tuple[int, int, int] = (4, 16, 16),
                     batch_index: int = 0) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
     """video [T, H, W, 3] in [-1, 1] -> feats [N, pt*ph*pw*3], coords [N, 5], kept (T, H, W)."""
-    v, *grid = _pixel_grid(video, patch)
-    feats = video.new_empty(grid[0] * grid[1] * grid[2], patch[0] * patch[1] * patch[2] * video.shape[-1])
-    _write_pixel_tokens(feats, v, tuple(grid), patch[0], patch[1])
-    return feats, _pixel_coords(tuple(grid), batch_index), tuple(v.shape[:3])
+    return _one(pack([("video", video)], patch), batch_index)
 
 
 def image_to_tokens(image: torch.Tensor, patch: tuple[int, int, int] = (4, 16, 16),
                     batch_index: int = 0) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
     """image [H, W, 3] in [-1, 1] -> tokens of one zero-padded 4-frame patch row."""
-    v, *grid = _pixel_grid(image[None], (1, patch[1], patch[2]))
-    feats = image.new_zeros(grid[1] * grid[2], patch[0] * patch[1] * patch[2] * image.shape[-1])
-    _write_pixel_tokens(feats, v, tuple(grid), patch[0], patch[1])
-    return feats, _pixel_coords(tuple(grid), batch_index), (1, v.shape[1], v.shape[2])
+    return _one(pack([("image", image)], patch), batch_index)
+
+
+def _one(batch: SparseBatch, batch_index: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+    batch.coords[:, 0] = batch_index
+    return batch.feats, batch.coords, batch.shapes[0]
 
 
 def tokens_to_video(feats: torch.Tensor, coords: torch.Tensor, shape: tuple[int, int, int],
@@ -111,7 +101,7 @@ def pack(samples: list[tuple[str, torch.Tensor]], patch: tuple[int, int, int] = 
     plan, dtype, width = [], None, None  # (modality, cut pixels or voxel tuple, grid or None, tokens)
     for i, (modality, x) in enumerate(samples):
         if modality in ("image", "video"):
-            v, *grid = _pixel_grid(x[None] if modality == "image" else x, (1, ph, pw) if modality == "image" else patch)
+            v, *grid = _pixel_grid(x[None], (1, ph, pw)) if modality == "image" else _pixel_grid(x, patch)
             plan.append((modality, v, tuple(grid), grid[0] * grid[1] * grid[2]))
             dtype = x.dtype if dtype is None else torch.promote_types(dtype, x.dtype)
             w = pt * ph * pw * x.shape[-1]
@@ -134,8 +124,8 @@ def pack(samples: list[tuple[str, torch.Tensor]], patch: tuple[int, int, int] = 
             coords[o:o + n, 0], coords[o:o + n, 1], coords[o:o + n, 2:] = b, THREE_D_T, vc.int()
             shapes.append(None)
         else:
-            _write_pixel_tokens(feats[o:o + n], x, grid, pt, ph)
-            _pixel_coords(grid, b, coords[o:o + n])
+            _write_pixel_tokens(feats[o:o + n], x, grid, ph)
+            coords[o:o + n, 0], coords[o:o + n, 1:] = b, _grid_positions(*grid)
             shapes.append((1 if modality == "image" else x.shape[0], x.shape[1], x.shape[2]))
         o += n
     return SparseBatch(feats, coords, [p[0] for p in plan], shapes)
